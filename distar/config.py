@@ -1,0 +1,260 @@
+"""The one validated run configuration: a frozen pydantic model loaded from YAML with dotted overrides.
+
+    cfg = load_config("distar/configs/gaussian2d.yaml", ["loss.alpha_rew=10", "train.steps=500"])
+
+Every user error (unknown key, wrong type, impossible combination, unreadable file) raises `ConfigError`
+whose message names the field and what was expected; the CLI prints it without a traceback.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote cannot be used; the message says which field and why."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------------------------- worlds
+class Gaussian2DModel(_Frozen):
+    """The 2-D world: class-conditional Gaussian-mixture reference with analytic scores."""
+
+    world: Literal["gaussian2d"] = "gaussian2d"
+    guidance_scale: float = Field(1.0, ge=0.0, description="w_cfg inside the reference score")
+    hidden: int = Field(128, gt=0)
+    mode_std: float = Field(0.25, gt=0.0)
+    init: Literal["random", "narrow"] = Field(
+        "narrow", description="generator start: 'narrow' maps every noise to a tiny blob near the origin")
+
+
+class DigitsModel(_Frozen):
+    """The digits world (16x16 handwritten digits); weights default to the shipped files."""
+
+    world: Literal["digits"] = "digits"
+    weights_dir: Optional[str] = Field(None, description="directory of a digits model bundle; None = shipped")
+    generator: Optional[str] = Field(None, description="generator checkpoint dir; None = the shipped one-step init")
+    guidance_scale: float = Field(2.0, ge=0.0)
+    conditioning_timestep: Optional[int] = Field(None, ge=0, le=999, description="None = the bundle's own")
+
+
+class StableDiffusionModel(_Frozen):
+    """SD1.5 / SDXL bundles loaded through diffusers (hub ids or local directories)."""
+
+    world: Literal["sd15", "sdxl"]
+    reference: str = Field(..., description="hub id or local dir of the reference pipeline")
+    generator: Optional[str] = Field(
+        None, description="UNet folder, UNet state-dict file (.bin/.safetensors) or hub id; None = reference UNet")
+    generator_subfolder: Optional[str] = None
+    guidance_scale: float = Field(7.5, ge=0.0)
+    conditioning_timestep: int = Field(399, ge=0, le=999)
+    resolution: Optional[int] = Field(None, gt=0, description="image side in pixels; None = the UNet's default")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    lora_rank: int = Field(0, ge=0, description="0 = full fine-tuning of generator and fake score")
+    variant: Optional[str] = None
+
+
+ModelConfig = Annotated[Union[Gaussian2DModel, DigitsModel, StableDiffusionModel], Field(discriminator="world")]
+
+
+# ----------------------------------------------------------------------------------------------- loss
+class LossConfig(_Frozen):
+    divergence: Literal["score", "kl", "none"] = Field(
+        "score", description="score = DI* (pseudo-Huber/L2 score divergence), kl = DI++, none = reward only")
+    distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
+    c: float = Field(1.0, gt=0.0, description="pseudo-Huber constant, in epsilon units over a whole sample")
+    full: bool = Field(False, description="add the d(e_f - e_r) term (sampling distribution not stop-gradiented)")
+    weighting: Literal["uniform", "sigma", "snr_clip"] = Field("uniform", description="lambda(t)")
+    alpha_rew: float = Field(0.0, ge=0.0, description="reward weight alpha_rew")
+    t_min: int = Field(20, ge=0, description="generator loss timestep range, inclusive")
+    t_max: int = Field(980, ge=0)
+    fake_t_min: int = Field(0, ge=0)
+    fake_t_max: int = Field(999, ge=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "LossConfig":
+        if self.t_min > self.t_max:
+            raise ValueError(f"loss.t_min ({self.t_min}) must be <= loss.t_max ({self.t_max})")
+        if self.fake_t_min > self.fake_t_max:
+            raise ValueError(f"loss.fake_t_min ({self.fake_t_min}) must be <= loss.fake_t_max ({self.fake_t_max})")
+        return self
+
+
+class RewardTerm(_Frozen):
+    name: str = Field(..., description="registry name, see distar.rewards.REWARDS")
+    weight: float = 1.0
+    path: Optional[str] = Field(None, description="weights dir / hub id where the reward needs one")
+
+
+class RewardConfig(_Frozen):
+    terms: tuple[RewardTerm, ...] = ()
+    backend: Literal["local", "serve"] = Field("local", description="in-process autograd or Ray Serve deployments")
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(2, ge=0)
+    num_replicas: int = Field(1, ge=1)
+    replica_cpus: float = Field(0.25, gt=0)
+    replica_gpus: float = Field(0.0, ge=0)
+
+
+# ----------------------------------------------------------------------------------------------- optimisation
+class OptimConfig(_Frozen):
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0)
+
+
+class TrainConfig(_Frozen):
+    steps: int = Field(1000, ge=0, description="generator updates")
+    batch_size: int = Field(256, gt=0, description="per worker")
+    fake_steps: int = Field(1, ge=1, description="K_fake: fake-score updates per generator update")
+    fake_warmup_steps: int = Field(0, ge=0, description="fake-score updates before the first generator update")
+    generator_optim: OptimConfig = OptimConfig()
+    fake_optim: OptimConfig = OptimConfig()
+    grad_clip: float = Field(10.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    seed: int = 0
+    log_every: int = Field(50, gt=0)
+    sample_every: int = Field(0, ge=0, description="image grid every N steps; 0 = only at the end")
+    checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
+    out_dir: str = "runs/default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class RayConfig(_Frozen):
+    num_workers: int = Field(0, ge=0, description="0 = run in this process, no Ray")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    max_failures: int = Field(0, ge=0)
+    run_name: Optional[str] = None
+    storage_path: Optional[str] = None
+
+
+class MLflowConfig(_Frozen):
+    enabled: bool = False
+    tracking_uri: Optional[str] = Field(None, description="None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    experiment: str = "distar"
+    registered_model: Optional[str] = None
+    alias: str = "champion"
+
+
+class EvalConfig(_Frozen):
+    n_per_prompt: int = Field(8, gt=0)
+
+
+class RunConfig(_Frozen):
+    name: str = "distar-run"
+    model: ModelConfig
+    loss: LossConfig = LossConfig()
+    reward: RewardConfig = RewardConfig()
+    train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MLflowConfig = MLflowConfig()
+    eval: EvalConfig = EvalConfig()
+    prompts: tuple[str, ...] = Field((), description="training prompts; empty = the world's own prompt set")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "RunConfig":
+        if self.loss.divergence == "none" and self.loss.alpha_rew == 0:
+            raise ValueError("loss.divergence='none' with loss.alpha_rew=0 trains nothing: set one of them")
+        if self.loss.alpha_rew > 0 and not self.reward.terms:
+            raise ValueError("loss.alpha_rew > 0 needs at least one entry in reward.terms")
+        if self.reward.backend == "serve" and self.ray.num_workers == 0 and False:
+            pass
+        if self.mlflow.registered_model is not None and not self.mlflow.enabled:
+            raise ValueError("mlflow.registered_model is set but mlflow.enabled is false")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _coerce(text: str) -> Any:
+    """Parse an override value the way YAML would (numbers, bools, lists, null)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted `a.b.c=value` overrides to a nested dict (copied)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. loss.alpha_rew=10")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty component in key {key!r}")
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = _coerce(value)
+    return data
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A file path, or the name of a built-in config (`gaussian2d`, `digits`, ...)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    builtin = BUILTIN_CONFIG_DIR / f"{path}.yaml"
+    if builtin.is_file():
+        return builtin
+    names = sorted(x.stem for x in BUILTIN_CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"--config {str(path)!r}: no such file, and not a built-in config (built-ins: {names})")
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not (isinstance(x, str) and x in ("gaussian2d", "digits", "sd15", "sdxl")))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a field of this section)"
+        elif "input" in e and e["type"] not in ("missing",):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {loc or '<root>'}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    """Load a YAML config (file path or built-in name), apply dotted overrides, validate once."""
+    data: dict = dict(base or {})
+    if path is not None:
+        p = resolve_config_path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {str(p)!r}: not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {str(p)!r}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data.update(loaded)
+    data = apply_overrides(data, list(overrides or []))
+    return config_from_dict(data)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)

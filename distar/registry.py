@@ -1,0 +1,36 @@
+"""Explicit name -> implementation mappings for worlds (model bundles) and reward models.
+
+Values are "module:attribute" strings imported on first use, so naming a reward does not import every
+reward library. Adding a world or a reward means adding one line here.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+# world name -> builder(model_cfg, device) -> ModelBundle
+WORLDS: dict[str, str] = {
+    "gaussian2d": "distar.worlds.gaussian2d:build_bundle",
+    "digits": "distar.worlds.digits.bundle:build_bundle",
+    "sd15": "distar.worlds.stable_diffusion:build_bundle",
+    "sdxl": "distar.worlds.stable_diffusion:build_bundle",
+}
+
+# reward name -> builder(path: str | None, device) -> nn.Module with forward(images [B,C,H,W] in [0,1], prompts) -> [B]
+REWARDS: dict[str, str] = {
+    "region": "distar.worlds.gaussian2d:build_region_reward",
+    "digits_alignment": "distar.worlds.digits.rewards:build_alignment_reward",
+    "digits_boldness": "distar.worlds.digits.rewards:build_boldness_reward",
+    "image_reward": "distar.rewards.image_reward:build_image_reward",
+    "pickscore": "distar.rewards.pickscore:build_pickscore",
+    "clip_score": "distar.rewards.clip_score:build_clip_score",
+    "aesthetic": "distar.rewards.aesthetic:build_aesthetic",
+    "hpsv2": "distar.rewards.hpsv2:build_hpsv2",
+}
+
+
+def resolve(table: dict[str, str], name: str, what: str) -> Callable[..., Any]:
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}: expected one of {sorted(table)}")
+    module, attr = table[name].split(":")
+    return getattr(importlib.import_module(module), attr)
