@@ -5,6 +5,11 @@ Gaussian mixture on a laptop and SDXL on a cluster. `cond` is opaque to the step
 `encode_prompts` returns (class ids, text embeddings, SDXL's pooled embeddings and add_time_ids, ...),
 always including what the reference needs for classifier-free guidance.
 
+Optional methods a world may add (the loop and CLI use them when present):
+    training_prompts() -> list[str]                       the world's own prompt set
+    evaluate(net, rng) -> dict[str, float]                world-specific quality metrics of generator `net`
+    sample_grid(net, prompts, rng) -> torch.Tensor        images [n, C, H, W] in [0, 1] for a grid artifact
+
 Networks that are trained (`generator`, `fake_score`) are passed to `generate` / `eps_fake` explicitly,
 so a caller can hand in a DDP/FSDP wrapper for the trained pass and the bare module for a frozen pass.
 """
