@@ -55,6 +55,8 @@ class StableDiffusionModel(_Frozen):
     generator: Optional[str] = Field(
         None, description="UNet folder, UNet state-dict file (.bin/.safetensors) or hub id; None = reference UNet")
     generator_subfolder: Optional[str] = None
+    generator_file: Optional[str] = Field(
+        None, description="UNet state-dict file inside the `generator` hub repo or dir, e.g. dmd2_sdxl_1step_unet_fp16.bin")
     guidance_scale: float = Field(7.5, ge=0.0)
     conditioning_timestep: int = Field(399, ge=0, le=999)
     resolution: Optional[int] = Field(None, gt=0, description="image side in pixels; None = the UNet's default")
