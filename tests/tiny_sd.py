@@ -185,3 +185,27 @@ def save_image_reward_dir(out: Path, seed: int = 0) -> Path:
         torch.nn.init.normal_(p, std=0.3)
     torch.save(net.state_dict(), out / "ImageReward.pt")
     return out
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipeline_dirs(tmp_path_factory) -> dict[str, Path]:
+    """{'sd15': dir, 'sdxl': dir}: tiny pipelines saved with save_pretrained."""
+    root = tmp_path_factory.mktemp("tiny_pipelines")
+    return {"sd15": save_sd15(root), "sdxl": save_sdxl(root)}
+
+
+def sd_config(world: str, reference: Path, **kw):
+    from distar.config import StableDiffusionModel
+
+    return StableDiffusionModel(world=world, reference=str(reference), **kw)
+
+
+def build(world: str, reference: Path, **kw):
+    """Build a bundle through the registry, as the training loop does."""
+    from distar.registry import WORLDS, resolve
+
+    return resolve(WORLDS, world, "world")(sd_config(world, reference, **kw), "cpu")
