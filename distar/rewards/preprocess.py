@@ -31,10 +31,10 @@ def resize_shortest_center_crop(images: torch.Tensor, size: int) -> torch.Tensor
     """
     h, w = images.shape[-2:]
     if (h, w) != (size, size):
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        # torchvision's integer arithmetic for Resize(size) and CenterCrop(size), so crops line up with PIL's
+        nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
         images = F.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-        top, left = (nh - size) // 2, (nw - size) // 2
+        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
         images = images[..., top:top + size, left:left + size]
     return images
 

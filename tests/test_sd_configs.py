@@ -1,0 +1,37 @@
+"""The cluster configs for SDXL (DMD2 init) and SD1.5 validate and carry the settings ALGORITHM.md reports."""
+from __future__ import annotations
+
+import pytest
+
+from distar.config import ConfigError, StableDiffusionModel, load_config
+from distar.registry import REWARDS
+
+
+@pytest.mark.parametrize("name", ["sdxl_dmd2", "sd15"])
+def test_sd_configs_validate(name):
+    cfg = load_config(name)
+    assert isinstance(cfg.model, StableDiffusionModel) and cfg.model.world == name[:4]
+    assert cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing
+    assert cfg.loss.alpha_rew == 100 and (cfg.loss.t_min, cfg.loss.t_max) == (20, 980)
+    assert {t.name for t in cfg.reward.terms} == {"image_reward", "pickscore", "clip_score", "aesthetic"}
+    assert all(t.name in REWARDS for t in cfg.reward.terms)
+    assert cfg.train.grad_clip == 10
+
+
+def test_sdxl_dmd2_settings():
+    cfg = load_config("sdxl_dmd2")
+    m = cfg.model
+    assert (m.reference, m.generator, m.generator_file) == (
+        "stabilityai/stable-diffusion-xl-base-1.0", "tianweiy/DMD2", "dmd2_sdxl_1step_unet_fp16.bin")
+    assert m.guidance_scale == 7.5 and m.conditioning_timestep == 399 and m.lora_rank == 0
+    for opt in (cfg.train.generator_optim, cfg.train.fake_optim):
+        assert opt.lr == 5e-7 and opt.betas == (0.9, 0.999) and opt.weight_decay == 0.01
+    assert cfg.train.fake_steps == 5 and cfg.train.batch_size == 2
+
+
+def test_overrides_and_bad_values():
+    assert load_config("sdxl_dmd2", ["model.lora_rank=16"]).model.lora_rank == 16
+    with pytest.raises(ConfigError, match=r"model\.dtype"):
+        load_config("sdxl_dmd2", ["model.dtype=int8"])
+    with pytest.raises(ConfigError, match=r"model\.generator_flie"):
+        load_config("sdxl_dmd2", ["model.generator_flie=x.bin"])
