@@ -34,7 +34,7 @@ class Gaussian2DModel(_Frozen):
     hidden: int = Field(128, gt=0)
     mode_std: float = Field(0.25, gt=0.0)
     init: Literal["random", "narrow"] = Field(
-        "narrow", description="generator start: 'narrow' maps every noise to a tiny blob near the origin")
+        "random", description="generator start: 'narrow' maps every noise to a tiny blob near the origin")
 
 
 class DigitsModel(_Frozen):

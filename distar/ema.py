@@ -1,4 +1,8 @@
-"""Exponential moving average of a module's parameters (the generator that gets exported)."""
+"""Exponential moving average of a module's trainable parameters (the generator that gets exported).
+
+Only parameters with requires_grad are averaged, so LoRA training keeps a shadow of the adapters alone
+rather than a float32 copy of a frozen 2.6B-parameter base.
+"""
 from __future__ import annotations
 
 import copy
@@ -14,21 +18,23 @@ class EMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in net.state_dict().items()}
+        self.shadow = {k: p.detach().float().clone() for k, p in net.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
-        for k, v in net.state_dict().items():
-            s = self.shadow[k]
-            if v.dtype.is_floating_point:
-                s.mul_(self.decay).add_(v.detach().float(), alpha=1.0 - self.decay)
-            else:
-                s.copy_(v)
+        for k, p in net.named_parameters():
+            if k in self.shadow:
+                self.shadow[k].mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
 
+    @torch.no_grad()
     def copy_to(self, net: nn.Module) -> nn.Module:
-        """Load the averaged weights into `net` (cast to its dtypes)."""
-        sd = net.state_dict()
-        net.load_state_dict({k: self.shadow[k].to(dtype=sd[k].dtype) for k in sd})
+        """Write the averaged weights into `net`'s parameters (cast to their dtypes)."""
+        params = dict(net.named_parameters())
+        missing = [k for k in self.shadow if k not in params]
+        if missing:
+            raise KeyError(f"EMA.copy_to: module lacks averaged parameters {missing[:3]}...")
+        for k, s in self.shadow.items():
+            params[k].copy_(s.to(device=params[k].device, dtype=params[k].dtype))
         return net
 
     def averaged(self, net: nn.Module) -> nn.Module:

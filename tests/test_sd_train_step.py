@@ -12,7 +12,7 @@ try:
     from . import tiny_sd
 except ImportError:
     import tiny_sd
-from tiny_sd import build, pipeline_dirs  # noqa: F401  (fixture)
+build, pipeline_dirs = tiny_sd.build, tiny_sd.pipeline_dirs  # pipeline_dirs: a fixture
 
 from distar.config import LossConfig
 from distar.ema import EMA

@@ -47,8 +47,8 @@ class WeightedReward(nn.Module):
         self.eval()
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], with_grad: bool = True) -> RewardOutput:
-        if images.dim() != 4:
-            raise ValueError(f"reward images: expected [B, C, H, W] in [0, 1], got shape {tuple(images.shape)}")
+        if images.dim() < 2:
+            raise ValueError(f"reward images: expected [B, C, H, W] in [0, 1] (or [B, D] points), got {tuple(images.shape)}")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"reward: {images.shape[0]} images but {len(prompts)} prompts")
         x = images.detach().requires_grad_(with_grad)

@@ -25,8 +25,10 @@ DISTILL_DEFAULTS = dict(
 )
 
 
-def distill_onestep(weights_dir: str | Path, log=print, **overrides) -> tuple[dict, dict]:
-    """Returns (EMA generator state dict, info with the config and the judge metrics along the way)."""
+def distill_onestep(weights_dir: str | Path, log=print, on_eval=None, **overrides) -> tuple[dict, dict]:
+    """Returns (EMA generator state dict, info with the config and the judge metrics along the way).
+
+    `on_eval(step, ema_state_dict, history)`, if given, is called at every evaluation (snapshots)."""
     cfg = {**DISTILL_DEFAULTS, **overrides}
     torch.manual_seed(cfg["seed"])
     rng = torch.Generator().manual_seed(cfg["seed"])
@@ -62,5 +64,7 @@ def distill_onestep(weights_dir: str | Path, log=print, **overrides) -> tuple[di
                 + f" {time.time() - t0:.0f}s")
         if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
             history.append(evaluate(step))
+            if on_eval is not None:
+                on_eval(step, state.ema.averaged(bundle.generator).state_dict(), history)
     info = {"config": cfg, "history": history, "train_seconds": round(time.time() - t0, 1)}
     return state.ema.averaged(bundle.generator).state_dict(), info

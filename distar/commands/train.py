@@ -1,0 +1,35 @@
+"""`distar train --config NAME|PATH [key=value ...]`: DI* post-training, in-process or on Ray Train."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="post-train a one-step generator with DI*",
+                       description="Run DI* training. --config is a YAML file or a built-in config name "
+                                   "(gaussian2d, digits, ...); KEY=VALUE overrides use dotted keys.")
+    p.add_argument("--config", required=True, help="YAML file or built-in config name")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.alpha_rew=10 train.steps=200")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    if cfg.ray.num_workers > 0 or cfg.reward.backend == "serve" or cfg.mlflow.enabled:
+        from ..ray_train import run_on_ray  # Ray only at the edge
+
+        summary = run_on_ray(cfg)
+    else:
+        from ..train_loop import run_training
+
+        result = run_training(cfg)
+        last = result.history[-1] if result.history else {}
+        summary = {"final_dir": str(result.final_dir), "seconds": round(result.seconds, 1), **last}
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
