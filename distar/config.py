@@ -172,8 +172,6 @@ class RunConfig(_Frozen):
             raise ValueError("loss.divergence='none' with loss.alpha_rew=0 trains nothing: set one of them")
         if self.loss.alpha_rew > 0 and not self.reward.terms:
             raise ValueError("loss.alpha_rew > 0 needs at least one entry in reward.terms")
-        if self.reward.backend == "serve" and self.ray.num_workers == 0 and False:
-            pass
         if self.mlflow.registered_model is not None and not self.mlflow.enabled:
             raise ValueError("mlflow.registered_model is set but mlflow.enabled is false")
         return self

@@ -109,6 +109,26 @@ def ema_generator_state(state: TrainState) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _check_resumable(cfg: RunConfig, ckpt_dir: Path) -> None:
+    """Refuse to resume a run whose model or loss differ from this config (a different experiment)."""
+    import yaml
+
+    from .config import ConfigError
+
+    saved_file = ckpt_dir / ckpt.CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text())
+    now = yaml.safe_load(dump_config(cfg))
+    for section in ("model", "loss"):
+        if saved.get(section) != now.get(section):
+            keys = sorted(k for k in set(saved.get(section, {})) | set(now.get(section, {}))
+                          if saved.get(section, {}).get(k) != now.get(section, {}).get(k))
+            raise ConfigError(f"train.out_dir {str(cfg.train.out_dir)!r} holds a run with different {section} settings "
+                              f"({', '.join(f'{section}.{k}' for k in keys)}); resume it with the same config or "
+                              f"choose a new train.out_dir")
+
+
 def _evaluate(state: TrainState, rng_seed: int) -> dict[str, float]:
     bundle = state.bundle
     if not hasattr(bundle, "evaluate"):
@@ -130,6 +150,7 @@ def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: L
 
     resume_dir = resume_dir or ckpt.latest_checkpoint(out_dir)
     if resume_dir is not None:
+        _check_resumable(cfg, Path(resume_dir))
         load_resume_state(state, ckpt.load_train_state(resume_dir, map_location=device))
         if hooks.is_main:
             print(f"[distar] resumed from {resume_dir} at step {state.step}", flush=True)
