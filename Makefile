@@ -1,0 +1,40 @@
+# Set-up and entry points. Every target creates .venv on first use (see ../shared/ENVIRONMENT.md for why
+# torch is installed first and pinned: the matched torch/torchvision pair is on this machine's disk).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.distar-installed
+export HF_HUB_OFFLINE ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test test-fast demo demo-2d clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip<26"
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The whole suite (CI runs exactly this through .ci/run).
+test: $(STAMP)
+	timeout 3000 $(PY) -m pytest -q
+
+# Math and unit tests only: no Ray, seconds.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not ray and not slow"
+
+# The main job: DI* on the digits world on a local Ray cluster, tracked and registered in local MLflow.
+demo: $(STAMP)
+	$(PY) -m distar.cli train --config gaussian2d
+
+# The 2-D world: DI*, DI++ and reward-only side by side in under a minute.
+demo-2d: $(STAMP)
+	$(PY) -m jobs.compare_gaussian2d --alpha 0.3
+
+clean:
+	rm -rf runs mlruns mlflow.db .pytest_cache
