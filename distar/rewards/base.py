@@ -79,3 +79,19 @@ class LocalRewardClient:
         if out.grad is not None:
             out.grad = out.grad.to(images.device)
         return _Done(out)
+
+
+class CallableRewardClient:
+    """Adapts any `fn(images, prompts) -> (reward [B], d reward / d images)` (a remote service, a custom
+    scorer) to the RewardClient interface the training step uses."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def submit(self, images: torch.Tensor, prompts: Sequence[str], with_grad: bool = True) -> _Done:
+        reward, grad = self.fn(images, list(prompts))
+        if with_grad and (grad is None or grad.shape != images.shape):
+            raise ValueError(f"reward callable returned grad of shape {None if grad is None else tuple(grad.shape)}, "
+                             f"expected {tuple(images.shape)}")
+        return _Done(RewardOutput(total=reward.detach(), grad=None if grad is None else grad.detach(),
+                                  parts={"reward": reward.detach()}))
