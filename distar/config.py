@@ -103,7 +103,8 @@ class RewardConfig(_Frozen):
     backend: Literal["local", "serve"] = Field("local", description="in-process autograd or Ray Serve deployments")
     timeout_s: float = Field(60.0, gt=0)
     retries: int = Field(2, ge=0)
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, description="Serve replicas per reward model (the minimum when autoscaling)")
+    max_replicas: Optional[int] = Field(None, ge=1, description="> num_replicas turns on Serve autoscaling up to this")
     replica_cpus: float = Field(0.25, gt=0)
     replica_gpus: float = Field(0.0, ge=0)
 
@@ -131,6 +132,8 @@ class TrainConfig(_Frozen):
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     out_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16 autocast around the step (trained weights stay float32 masters)")
 
 
 class RayConfig(_Frozen):

@@ -201,9 +201,11 @@ def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: L
         return path
 
     last: dict[str, float] = {}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
     while state.step < cfg.train.steps:
-        m = train_step(state, batch_prompts(), cfg.loss, fake_steps=cfg.train.fake_steps,
-                       grad_clip=cfg.train.grad_clip, reward=reward_client, rng=rng)
+        with autocast:
+            m = train_step(state, batch_prompts(), cfg.loss, fake_steps=cfg.train.fake_steps,
+                           grad_clip=cfg.train.grad_clip, reward=reward_client, rng=rng)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         count += 1

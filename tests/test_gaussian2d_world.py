@@ -78,3 +78,12 @@ def test_resuming_with_a_different_loss_is_refused(tmp_path):
     _train(tmp_path, "b", "train.steps=5", "train.fake_warmup_steps=0")
     with pytest.raises(ConfigError, match="loss.c"):
         _train(tmp_path, "b", "train.steps=10", "loss.c=0.7")
+
+
+def test_bf16_autocast_runs_the_step_with_float32_masters(tmp_path):
+    cfg, res = _train(tmp_path, "bf16", "train.steps=5", "train.fake_warmup_steps=2", "train.mixed_precision=bf16",
+                      "loss.alpha_rew=0.3", "reward.terms=[{name: region}]")
+    last = res.history[-1]
+    assert all(v == v for v in last.values())  # no NaN
+    gen = load_generator_state(res.final_dir)
+    assert all(v.dtype == torch.float32 for v in gen.values())
