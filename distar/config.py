@@ -167,7 +167,8 @@ class RunConfig(_Frozen):
     ray: RayConfig = RayConfig()
     mlflow: MLflowConfig = MLflowConfig()
     eval: EvalConfig = EvalConfig()
-    prompts: tuple[str, ...] = Field((), description="training prompts; empty = the world's own prompt set")
+    prompts: tuple[str, ...] = Field((), description="training prompts; empty = prompts_file or the world's own set")
+    prompts_file: Optional[str] = Field(None, description="a prompt file (PartiPrompts TSV or one per line)")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "RunConfig":
@@ -175,6 +176,8 @@ class RunConfig(_Frozen):
             raise ValueError("loss.divergence='none' with loss.alpha_rew=0 trains nothing: set one of them")
         if self.loss.alpha_rew > 0 and not self.reward.terms:
             raise ValueError("loss.alpha_rew > 0 needs at least one entry in reward.terms")
+        if self.prompts and self.prompts_file:
+            raise ValueError("give either prompts or prompts_file, not both")
         if self.mlflow.registered_model is not None and not self.mlflow.enabled:
             raise ValueError("mlflow.registered_model is set but mlflow.enabled is false")
         return self

@@ -19,6 +19,7 @@ from . import checkpoint as ckpt
 from .bundle import unwrap
 from .config import RunConfig, dump_config
 from .ema import EMA
+from .prompts import load_prompts
 from .rewards import LocalRewardClient, build_weighted_reward
 from .rewards.base import RewardClient
 from .train_step import TrainState, build_optimizer, fake_update, train_step
@@ -40,6 +41,7 @@ class LoopHooks:
     on_images: Callable[[int, torch.Tensor], None] | None = None           # rank 0 only
     barrier: Callable[[], None] = lambda: None
     progress: bool = True
+    resume_from_out_dir: bool = True  # False under Ray Train: resume only from the checkpoint Ray hands back
 
     @property
     def is_main(self) -> bool:
@@ -148,7 +150,7 @@ def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: L
     if reward_client is None and cfg.reward.terms and cfg.loss.alpha_rew > 0:
         reward_client = LocalRewardClient(build_weighted_reward(cfg.reward, device))
 
-    resume_dir = resume_dir or ckpt.latest_checkpoint(out_dir)
+    resume_dir = resume_dir or (ckpt.latest_checkpoint(out_dir) if hooks.resume_from_out_dir else None)
     if resume_dir is not None:
         _check_resumable(cfg, Path(resume_dir))
         load_resume_state(state, ckpt.load_train_state(resume_dir, map_location=device))
@@ -156,7 +158,8 @@ def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: L
             print(f"[distar] resumed from {resume_dir} at step {state.step}", flush=True)
     rng = _seeded(cfg.train.seed, hooks.rank, state.step)
 
-    prompts = list(cfg.prompts) or list(state.bundle.training_prompts())
+    prompts = list(cfg.prompts) or (
+        [p.text for p in load_prompts(cfg.prompts_file)] if cfg.prompts_file else list(state.bundle.training_prompts()))
     bs = cfg.train.batch_size
     config_yaml = dump_config(cfg)
     if hooks.is_main:
