@@ -31,10 +31,8 @@ def _check_out(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..cli import UserError
-    from ..worlds.digits.loading import ModelSpecError, load_model, save_images
+    from ..worlds.digits.loading import ModelSpecError, load_model, save_images, seeded_rng
 
     if args.n <= 0:
         raise UserError(f"--n must be a positive number of images, got {args.n}")
@@ -47,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = load_model(args.model, args.device)
         t0 = time.perf_counter()
-        images = model.sample([args.prompt] * args.n, torch.Generator().manual_seed(args.seed),
+        images = model.sample([args.prompt] * args.n, seeded_rng(args.seed),
                               steps=args.steps, guidance=args.guidance)
     except ModelSpecError as err:
         raise UserError(str(err)) from None

@@ -20,6 +20,16 @@ class ModelSpecError(ValueError):
     """The --model argument names nothing loadable; the message says why."""
 
 
+NET_BATCH = 16  # rows per one-step network call; see LoadedModel.sample_from_noise
+
+
+def seeded_rng(seed: int) -> torch.Generator:
+    """The one place a user's seed becomes randomness: `distar generate` and `distar serve` both draw an
+    image batch's noise as `bundle.sample_noise(n, seeded_rng(seed))`, so equal (prompt, seed, n) give
+    equal images."""
+    return torch.Generator().manual_seed(seed)
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -37,8 +47,25 @@ class LoadedModel:
             raise ModelSpecError(f"--steps {steps}: {self.name} is a one-step generator (use --steps 1 or omit it)")
         if guidance is not None:
             raise ModelSpecError(f"--guidance: {self.name} is a one-step generator; guidance is baked in by training")
+        return self.sample_from_noise(prompts, self.bundle.sample_noise(len(prompts), rng))
+
+    @torch.no_grad()
+    def sample_from_noise(self, prompts: list[str], z: torch.Tensor) -> torch.Tensor:
+        """One-step images [n, C, H, W] in [0, 1] from noise z [n, ...] (row i conditioned on prompts[i]).
+
+        The network always sees exactly NET_BATCH rows (the last call padded): CPU matmul kernels change
+        with the row count (a 1-row batch takes a gemv path), which moved pixels by ~1e-6 with the batch
+        size, so an image served inside a batch of other requests could drift from `distar generate`."""
         b = self.bundle
-        return b.decode(b.generate(self.net, b.sample_noise(len(prompts), rng), b.encode_prompts(prompts)))
+        out = []
+        for i in range(0, z.shape[0], NET_BATCH):
+            zi, pi = z[i:i + NET_BATCH], list(prompts[i:i + NET_BATCH])
+            n = zi.shape[0]
+            if n < NET_BATCH:
+                zi = torch.cat([zi, zi[-1:].expand(NET_BATCH - n, *zi.shape[1:])])
+                pi += pi[-1:] * (NET_BATCH - n)
+            out.append(b.decode(b.generate(self.net, zi, b.encode_prompts(pi)))[:n])
+        return torch.cat(out)
 
 
 def resolve_registry_uri(uri: str) -> Path:
