@@ -1,0 +1,84 @@
+"""`distar serve`: the generator HTTP API and playground on a private local Ray cluster (Ray Serve).
+
+The same application as `serve run deploy/serve_generator.yaml` (services/generator_app.py), with its
+config taken from flags. Runs until Ctrl-C (or --duration seconds), then shuts down what it started.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # holds services/ (not part of the installed package)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a generator over HTTP: POST /generate, GET /health, playground at /")
+    p.add_argument("--model", default="digits-onestep", help="digits-onestep | checkpoint dir | models:/NAME@ALIAS")
+    p.add_argument("--reference", default=None, help="multi-step reference shown beside it (e.g. digits-teacher)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch concurrent requests (@serve.batch)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait-ms", type=float, default=10.0)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--replica-cpus", type=float, default=0.25)
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per replica")
+    p.add_argument("--weights-dir", default=None, help="digits weights directory (default: shipped)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+
+
+def check_model_spec(flag: str, spec: str) -> None:
+    """Refuse an obviously unloadable spec here, before a Ray cluster starts (replicas would only log it)."""
+    from ..cli import UserError
+    from ..worlds.digits.loading import BUILTIN
+
+    if spec in BUILTIN or spec.startswith("models:/") or Path(spec).is_dir():
+        return
+    raise UserError(f"{flag} {spec!r}: not a built-in model ({', '.join(BUILTIN)}), "
+                    f"not a checkpoint directory, not a models:/ URI")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import UserError
+    from ..serving.config import GeneratorAppConfig
+
+    check_model_spec("--model", args.model)
+    if args.reference:
+        check_model_spec("--reference", args.reference)
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    cfg = GeneratorAppConfig(  # pydantic's ValidationError is a ValueError: printed as one user error
+        model=args.model, reference=args.reference, weights_dir=args.weights_dir, device=args.device,
+        torch_threads=args.threads, batching=args.batching, max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000.0, num_replicas=args.replicas,
+        num_cpus=args.replica_cpus, num_gpus=args.gpus)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
+    import ray
+    from ray import serve
+
+    from services.generator_app import build_app
+
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(cfg), name="generator", route_prefix="/")
+        print(f"serving {cfg.model} at http://{args.host}:{args.port}/ (batching {'on' if cfg.batching else 'off'}; "
+              f"POST /generate, GET /health, docs at /docs); Ctrl-C stops", flush=True)
+        t0 = time.monotonic()
+        while args.duration is None or time.monotonic() - t0 < args.duration:
+            time.sleep(0.5)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0

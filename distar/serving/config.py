@@ -1,0 +1,23 @@
+"""The one config object of a generator server (Serve application args, or `distar serve` flags)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GeneratorAppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("digits-onestep", description="digits-onestep | checkpoint dir | models:/NAME@ALIAS")
+    reference: str | None = Field(None, description="multi-step reference shown beside it, e.g. digits-teacher")
+    weights_dir: str | None = Field(None, description="digits weights directory (default: the shipped ones)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(1, ge=1, description="intra-op threads per replica (None: torch's default)")
+    batching: bool = True
+    max_batch_size: int = Field(32, ge=1, le=256, description="requests per @serve.batch call")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, ge=0.0, description="CPUs reserved per replica (0.25 on a shared 2-core box)")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica (fractions share a GPU)")
+    max_ongoing_requests: int = Field(64, ge=1, description="per replica; must exceed max_batch_size to fill batches")

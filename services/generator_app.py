@@ -1,0 +1,44 @@
+"""Ray Serve application: the generator HTTP API (distar.serving) with @serve.batch over concurrent requests.
+
+    serve run deploy/serve_generator.yaml                        # from the repository root
+    distar serve --model digits-onestep --reference digits-teacher --port 8000
+"""
+from __future__ import annotations
+
+from ray import serve
+
+from distar.serving.api import build_api, health_of
+from distar.serving.config import GeneratorAppConfig
+from distar.serving.service import AsyncGenerator, GeneratorService, Job
+
+
+@serve.deployment
+@serve.ingress()  # the FastAPI app is built on the replica, around this instance (__serve_build_asgi_app__)
+class GeneratorDeployment:
+    def __init__(self, config: GeneratorAppConfig):
+        self.config = config
+        self.runner = AsyncGenerator(GeneratorService(config.model, config.device, config.reference,
+                                                      config.weights_dir, config.torch_threads))
+        self._batched.set_max_batch_size(config.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self, health_of(self.runner.service, self.config.batching))
+
+    async def generate(self, job: Job) -> list[bytes]:
+        return await (self._batched(job) if self.config.batching else self.runner.generate(job))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _batched(self, jobs: list[Job]) -> list[list[bytes]]:
+        return await self.runner.generate_many(jobs)
+
+    async def reference(self, job: Job) -> list[bytes]:
+        return await self.runner.reference(job)
+
+
+def build_app(config: GeneratorAppConfig) -> serve.Application:
+    """Application builder (`args:` of the Serve config file are validated into GeneratorAppConfig)."""
+    return GeneratorDeployment.options(
+        num_replicas=config.num_replicas, max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+    ).bind(config)
