@@ -132,6 +132,9 @@ class TrainConfig(_Frozen):
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     out_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    init_from: Optional[str] = Field(
+        None, description="checkpoint dir (generator.safetensors [+ train_state.pt]) to start the generator "
+                          "(and fake score, if saved) from; ignored when resuming")
     mixed_precision: Literal["no", "bf16"] = Field(
         "no", description="bf16 autocast around the step (trained weights stay float32 masters)")
 

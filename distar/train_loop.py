@@ -111,6 +111,15 @@ def ema_generator_state(state: TrainState) -> dict[str, torch.Tensor]:
     return sd
 
 
+def init_from_checkpoint(state: TrainState, src: Path, ema_decay: float) -> None:
+    """Start from a finished run: its (EMA) generator, and its fake score when the directory has one."""
+    gen = unwrap(state.generator)
+    gen.load_state_dict(ckpt.load_generator_state(src))
+    state.ema = EMA(gen, ema_decay)
+    if (src / ckpt.STATE_FILE).is_file():
+        unwrap(state.fake_score).load_state_dict(ckpt.load_train_state(src)["fake_score"])
+
+
 def _check_resumable(cfg: RunConfig, ckpt_dir: Path) -> None:
     """Refuse to resume a run whose model or loss differ from this config (a different experiment)."""
     import yaml
@@ -156,6 +165,8 @@ def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: L
         load_resume_state(state, ckpt.load_train_state(resume_dir, map_location=device))
         if hooks.is_main:
             print(f"[distar] resumed from {resume_dir} at step {state.step}", flush=True)
+    elif cfg.train.init_from is not None:
+        init_from_checkpoint(state, Path(cfg.train.init_from), cfg.train.ema_decay)
     rng = _seeded(cfg.train.seed, hooks.rank, state.step)
 
     prompts = list(cfg.prompts) or (
