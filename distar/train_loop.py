@@ -118,6 +118,7 @@ def init_from_checkpoint(state: TrainState, src: Path, ema_decay: float) -> None
     state.ema = EMA(gen, ema_decay)
     if (src / ckpt.STATE_FILE).is_file():
         unwrap(state.fake_score).load_state_dict(ckpt.load_train_state(src)["fake_score"])
+        state.extras["fake_warmup_done"] = True  # the fake score already tracks this generator
 
 
 def _check_resumable(cfg: RunConfig, ckpt_dir: Path) -> None:

@@ -87,3 +87,15 @@ def test_bf16_autocast_runs_the_step_with_float32_masters(tmp_path):
     assert all(v == v for v in last.values())  # no NaN
     gen = load_generator_state(res.final_dir)
     assert all(v.dtype == torch.float32 for v in gen.values())
+
+
+def test_init_from_starts_generator_and_fake_score_from_a_finished_run(tmp_path):
+    _train(tmp_path, "src", "train.steps=10", "train.fake_warmup_steps=3")
+    src = latest_checkpoint(tmp_path / "src")
+    _, res = _train(tmp_path, "dst", "train.steps=0", f"train.init_from={src}")
+    for k, v in load_generator_state(src).items():
+        torch.testing.assert_close(load_generator_state(res.final_dir)[k], v)
+    from distar.checkpoint import load_train_state
+    fake_src = load_train_state(src)["fake_score"]
+    fake_dst = load_train_state(latest_checkpoint(tmp_path / "dst"))["fake_score"]
+    assert all(torch.equal(fake_src[k], fake_dst[k]) for k in fake_src)
