@@ -21,6 +21,7 @@ class GeneratorDeployment:
                                                       config.weights_dir, config.torch_threads))
         self._batched.set_max_batch_size(config.max_batch_size)
         self._batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.batch_sizes: list[int] = []  # requests per @serve.batch call, for batch_stats()
 
     def __serve_build_asgi_app__(self):
         return build_api(self, health_of(self.runner.service, self.config.batching))
@@ -30,7 +31,13 @@ class GeneratorDeployment:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _batched(self, jobs: list[Job]) -> list[list[bytes]]:
+        self.batch_sizes = (self.batch_sizes + [len(jobs)])[-1000:]
         return await self.runner.generate_many(jobs)
+
+    def batch_stats(self) -> dict:
+        """Sizes of the last (up to 1000) batches, through a handle: `handle.batch_stats.remote()`."""
+        return {"batches": len(self.batch_sizes), "requests": sum(self.batch_sizes),
+                "max_batch": max(self.batch_sizes, default=0)}
 
     async def reference(self, job: Job) -> list[bytes]:
         return await self.runner.reference(job)

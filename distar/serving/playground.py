@@ -17,7 +17,7 @@ PAGE = """<!doctype html>
  .row { display: flex; gap: 28px; } .card { text-align: center; }
  .card img { width: 192px; height: 192px; image-rendering: pixelated; background: #eee; border: 1px solid #ccc; display: block; }
  .card h2 { font-size: 14px; margin: 0 0 6px; } .time { font-size: 13px; color: #444; margin-top: 6px; min-height: 1.2em; }
- #error { color: #b00020; margin: 10px 0; min-height: 1.2em; }
+ #error { color: #b00020; margin: 10px 0; min-height: 1.2em; white-space: pre-line; }
 </style></head>
 <body data-state="busy">
 <h1>distar playground</h1><div class="sub" id="models">loading&hellip;</div>
@@ -47,7 +47,7 @@ async function draw(route, img, timeEl) {
     let msg = r.status + ' ' + r.statusText;
     try { msg = (await r.json()).message; } catch (e) {}
     timeEl.textContent = '';
-    $('error').textContent = route + ': ' + msg;
+    const e = $('error'); e.textContent += (e.textContent ? '\\n' : '') + route + ': ' + msg;
     return;
   }
   const blob = await r.blob();
