@@ -20,6 +20,7 @@ from distar.serving.service import AsyncGenerator, GeneratorService  # noqa: E40
 from distar.worlds.digits import bundle as digits_bundle  # noqa: E402
 
 PROMPT = "a handwritten digit 3"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @functools.lru_cache(maxsize=1)
