@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-ALPHAS = (1.0, 3.0)
+ALPHAS = (1.0, 3.0, 10.0)
 ROWS: list[tuple[str, str, float | None, list[str]]] = (
     [(f"DI* alpha_rew={a:g}", "DI*", a, ["loss.divergence=score", f"loss.alpha_rew={a}"]) for a in ALPHAS]
     + [(f"DI++ (KL) alpha_rew={a:g}", "DI++ (KL)", a, ["loss.divergence=kl", f"loss.alpha_rew={a}"]) for a in ALPHAS]
@@ -28,13 +28,15 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label).strip("_").lower()
 
 
-def train_rows(runs: Path, log=print) -> dict[str, dict]:
+def train_rows(runs: Path, only: list[int] | None = None, log=print) -> dict[str, dict]:
     from ...config import load_config
     from ...train_loop import LoopHooks, run_training
 
     done = {}
-    for label, method, alpha, overrides in ROWS:
+    for i, (label, method, alpha, overrides) in enumerate(ROWS):
         out = runs / _slug(label)
+        if only is not None and i not in only:
+            continue
         if not (out / "final" / "generator.safetensors").is_file():
             cfg = load_config("digits", overrides + [f"train.out_dir={out}", f"name={_slug(label)}"])
             t0 = time.time()
@@ -107,10 +109,15 @@ def main(argv=None) -> int:
     ap.add_argument("--n-per-class", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, nargs="+", default=None,
+                    help="train only these ROWS indices and stop (to spread runs over processes)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     runs, docs = Path(args.runs), Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
+    if args.rows is not None:
+        train_rows(runs, args.rows)
+        return 0
     trained = train_rows(runs)
     rows = evaluate_all(trained, args.n_per_class, args.seed)
     (docs / "digits_results.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -25,7 +25,7 @@ class AlignmentReward(nn.Module):
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"alignment reward: {images.shape[0]} images but {len(prompts)} prompts")
-        logp = torch.log_softmax(self.classifier(images).float(), dim=-1)
+        logp = torch.log_softmax(self.classifier(images), dim=-1)
         digits = torch.tensor([text.parse_digit(p) for p in prompts], device=images.device)
         picked = logp.gather(1, digits.clamp(min=0)[:, None])[:, 0]
         return torch.where(digits >= 0, picked, torch.zeros_like(picked))
@@ -37,7 +37,7 @@ class BoldnessReward(nn.Module):
         self.regressor = models.DigitCNN(1)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return self.regressor(images).float()[:, 0]
+        return self.regressor(images)[:, 0]
 
 
 def _file(path: str | Path | None, name: str) -> Path:
