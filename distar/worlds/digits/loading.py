@@ -3,7 +3,7 @@
     digits-teacher      the reference diffusion, multi-step (diffusers DDIM, CFG); honours steps/guidance
     digits-onestep      the shipped one-step generator (SIM-distilled from the teacher)
     DIR                 a checkpoint written by `distar train` (config.yaml + generator.safetensors), any world
-    models:/NAME@ALIAS  MLflow registry URI (hook: `resolve_registry_uri`, not wired in yet)
+    models:/NAME@ALIAS  MLflow registry URI (distar.model_registry; $MLFLOW_TRACKING_URI or ./mlflow.db)
 """
 from __future__ import annotations
 
@@ -70,8 +70,13 @@ class LoadedModel:
 
 def resolve_registry_uri(uri: str) -> Path:
     """`models:/NAME@ALIAS` -> a local checkpoint dir. The hook for the MLflow model registry."""
-    raise ModelSpecError(f"--model {uri!r}: MLflow registry URIs are not supported by this build yet "
-                         f"(download the run's checkpoint directory and pass its path instead)")
+    from ...model_registry import RegistryError
+    from ...model_registry import resolve_registry_uri as resolve
+
+    try:
+        return resolve(uri)
+    except RegistryError as err:
+        raise ModelSpecError(str(err)) from None
 
 
 def load_model(spec: str, device: torch.device | str = "cpu", weights_dir: str | None = None) -> LoadedModel:

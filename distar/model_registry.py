@@ -1,0 +1,75 @@
+"""`models:/NAME@ALIAS` (or `models:/NAME/VERSION`) -> a local checkpoint directory, from the MLflow registry.
+
+The registered artifact is the checkpoint directory that `distar train` exports (see distar.tracking), so
+anything that loads a checkpoint directory loads a registered model too. Downloads are cached per tracking
+URI, name and version under $XDG_CACHE_HOME/distar/registry (default ~/.cache).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .checkpoint import GENERATOR_FILE
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+class RegistryError(ValueError):
+    """The URI names no registered model version that can be loaded; the message says why."""
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distar" / "registry"
+
+
+def resolve_registry_uri(uri: str, tracking_uri: str | None = None) -> Path:
+    """Download (once) the checkpoint directory of a registered model version and return its path."""
+    from .tracking import tracking_uri as default_uri
+
+    m = _URI.match(uri)
+    if m is None:
+        raise RegistryError(f"--model {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    tracking_uri = tracking_uri or default_uri()
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        raise RegistryError(f"--model {uri!r}: no MLflow database at {tracking_uri[len('sqlite:///'):]} "
+                            f"(run from the directory that holds mlflow.db, or set MLFLOW_TRACKING_URI)")
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    name = m["name"]
+    try:
+        mv = client.get_model_version_by_alias(name, m["alias"]) if m["alias"] else client.get_model_version(name, m["version"])
+    except MlflowException as err:
+        raise RegistryError(f"--model {uri!r}: not in the registry at {tracking_uri} "
+                            f"({str(err).splitlines()[0]})") from None
+    key = hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]
+    dest = _cache_root() / key / name / str(mv.version)
+    found = _find_checkpoint(dest)
+    if found is not None:
+        return found
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(tmp))
+    if dest.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    found = _find_checkpoint(dest)
+    if found is None:
+        raise RegistryError(f"--model {uri!r}: version {mv.version} holds no {GENERATOR_FILE} (not registered by distar)")
+    return found
+
+
+def _find_checkpoint(root: Path) -> Path | None:
+    hits = sorted(root.rglob(GENERATOR_FILE)) if root.is_dir() else []
+    return hits[0].parent if hits else None

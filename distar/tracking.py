@@ -1,0 +1,181 @@
+"""MLflow tracking and registry for training runs: one MLflow run per training run, logged from rank 0.
+
+    uri = tracking_uri(cfg.mlflow)                         # cfg, else $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
+    run_id = start_run(uri, cfg)                           # in the driver, before workers start (creates the DB)
+    log = RunLogger(uri, run_id); log.metrics(step, {...}); log.images(step, images)      # rank 0
+    finish_run(uri, run_id, ok=True)
+    register_generator(uri, run_id, checkpoint_dir, "distar-digits", "champion")  # -> models:/distar-digits@champion
+
+A re-run with the same run name continues the same MLflow run (found by the tag `distar.run_name`). The
+registered model is a pyfunc whose artifact is the exported checkpoint directory (config.yaml +
+generator.safetensors + meta.json), so `distar generate --model models:/NAME@ALIAS` and serving load it with
+the same code as a local checkpoint (distar.model_registry).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CONFIG_FILE, GENERATOR_FILE, META_FILE
+
+RUN_NAME_TAG = "distar.run_name"
+MODEL_ARTIFACT = "generator"
+PIP_REQUIREMENTS = ["distar", "torch", "safetensors", "diffusers", "pyyaml", "pydantic"]
+
+
+def tracking_uri(mlflow_cfg=None, cwd: str | Path | None = None) -> str:
+    """The configured URI, else $MLFLOW_TRACKING_URI, else a SQLite file in the working directory (absolute)."""
+    uri = (mlflow_cfg.tracking_uri if mlflow_cfg is not None else None) or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = uri or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str((Path(cwd or os.getcwd()) / uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+def _experiment_id(client, uri: str, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, not in whatever the cwd of a worker is
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_run(uri: str, cfg, config_yaml: str, run_name: str) -> str:
+    """Create (or find, for a resumed run) the MLflow run of `run_name`; logs the resolved config once."""
+    from mlflow.entities import Param
+
+    client = _client(uri)
+    exp_id = _experiment_id(client, uri, cfg.mlflow.experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, "distar.world": cfg.model.world})
+    import yaml
+
+    params = [Param(k, v[:6000]) for k, v in _flatten(yaml.safe_load(config_yaml)).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i:i + 100])
+    client.log_text(run.info.run_id, config_yaml, "config.yaml")
+    return run.info.run_id
+
+
+def finish_run(uri: str, run_id: str, ok: bool) -> None:
+    _client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+class RunLogger:
+    """Metrics and image grids of one run (use on rank 0 only)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client, self.run_id = _client(uri), run_id
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, int(step)) for k, v in values.items() if k != "step"]
+        for i in range(0, len(ms), 200):
+            self.client.log_batch(self.run_id, metrics=ms[i:i + 200])
+
+    def images(self, step: int, images: torch.Tensor) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"step_{step:07d}.png"
+            save_grid_png(images, path)
+            self.client.log_artifact(self.run_id, str(path), artifact_path="images")
+
+
+def save_grid_png(images: torch.Tensor, path: Path, scale: int = 4) -> None:
+    """Images [n, C, H, W] in [0, 1] as one grid; 2-D points [n, 2] as a scatter plot."""
+    if images.dim() == 2:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        pts = images.detach().float().cpu()
+        fig, ax = plt.subplots(figsize=(3, 3))
+        ax.scatter(pts[:, 0], pts[:, 1], s=6)
+        ax.set_xlim(-4, 4), ax.set_ylim(-5, 5)
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=int(len(images) ** 0.5 + 0.999), pad_value=0.25)
+    arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+def export_dir(checkpoint_dir: Path, out: Path) -> Path:
+    """The servable part of a checkpoint (no optimizer state): config.yaml, generator.safetensors, meta.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, GENERATOR_FILE, META_FILE):
+        if (Path(checkpoint_dir) / name).is_file():
+            shutil.copy2(Path(checkpoint_dir) / name, out / name)
+    return out
+
+
+def _python_model():
+    import mlflow.pyfunc
+
+    class DistarGenerator(mlflow.pyfunc.PythonModel):
+        """pyfunc: prompts (list or DataFrame column `prompt`) -> images [n, C, H, W] in [0, 1] (numpy)."""
+
+        def load_context(self, context):
+            from .worlds.digits.loading import load_model
+
+            self.model = load_model(context.artifacts["checkpoint"], "cpu")
+
+        def predict(self, context, model_input, params=None):
+            prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+            seed = int((params or {}).get("seed", 0))
+            return self.model.sample(prompts, torch.Generator().manual_seed(seed)).cpu().numpy()
+
+    return DistarGenerator()
+
+
+def register_generator(uri: str, run_id: str, checkpoint_dir: Path, name: str, alias: str) -> dict[str, str]:
+    """Log the EMA generator of `checkpoint_dir` as a pyfunc model in `run_id`, register a version, set `alias`."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        art = export_dir(checkpoint_dir, Path(tmp) / "checkpoint")
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=_python_model(),
+                                           artifacts={"checkpoint": str(art)}, pip_requirements=PIP_REQUIREMENTS)
+    client = _client(uri)
+    version = mlflow.register_model(info.model_uri, name, tags={"distar.run_id": run_id})
+    client.set_registered_model_alias(name, alias, version.version)
+    return {"registered_model": name, "version": str(version.version), "alias": alias,
+            "model_uri": f"models:/{name}@{alias}"}
