@@ -29,7 +29,7 @@ class GeneratorDeployment:
     async def generate(self, job: Job) -> list[bytes]:
         return await (self._batched(job) if self.config.batching else self.runner.generate(job))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)  # reset from the config in __init__
     async def _batched(self, jobs: list[Job]) -> list[list[bytes]]:
         self.batch_sizes = (self.batch_sizes + [len(jobs)])[-1000:]
         return await self.runner.generate_many(jobs)

@@ -22,8 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
                    help="batch concurrent requests (@serve.batch)")
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-ms", type=float, default=10.0)
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=50.0)
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--replica-cpus", type=float, default=0.25)
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica")
