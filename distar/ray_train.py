@@ -181,6 +181,11 @@ def _maybe_fail(fault: dict | None, rank: int, seen: dict) -> None:
 
 def run_on_ray(cfg: RunConfig, *, _fault: dict | None = None) -> dict:
     """Train per `cfg` on Ray (Train workers, Serve rewards, MLflow); returns a summary dict."""
+    if cfg.ray.strategy == "fsdp" and cfg.ray.num_workers > 0 and os.environ.get("DISTAR_EXPERIMENTAL_FSDP") != "1":
+        # _fsdp_wrap shards generator and fake score, but the loop saves state on rank 0 only, and FSDP2
+        # state (DTensor shards, sharded optimizer state) must be gathered on every rank first.
+        raise ConfigError("ray.strategy=fsdp: sharded checkpointing is not implemented yet (the frozen reference "
+                          "is not sharded either); use ray.strategy=ddp")
     cfg = _absolute(cfg)
     started_ray = _connect()
     t0 = time.perf_counter()
