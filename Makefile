@@ -28,13 +28,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not ray and not slow"
 
-# The main job: DI* on the digits world on a local Ray cluster, tracked and registered in local MLflow.
+# The main job: DI* on the digits world on a local Ray cluster (2 DDP workers, the proxy rewards as Ray Serve
+# deployments), tracked in ./mlflow.db and registered as models:/distar-digits@champion; prints the table.
+# A second run resumes (and re-reports) the finished one; `make clean` starts over.
 demo: $(STAMP)
-	$(PY) -m distar.cli train --config gaussian2d
+	timeout 3000 $(PY) -m jobs.train --config digits_ray
 
 # The 2-D world: DI*, DI++ and reward-only side by side in under a minute.
 demo-2d: $(STAMP)
 	$(PY) -m jobs.compare_gaussian2d --alpha 0.3
 
 clean:
-	rm -rf runs mlruns mlflow.db .pytest_cache
+	rm -rf runs mlruns mlflow.db mlartifacts .pytest_cache
