@@ -43,8 +43,9 @@ class GeneratorDeployment:
         return await self.runner.reference(job)
 
 
-def build_app(config: GeneratorAppConfig) -> serve.Application:
-    """Application builder (`args:` of the Serve config file are validated into GeneratorAppConfig)."""
+def build_app(config: GeneratorAppConfig | dict) -> serve.Application:
+    """Application builder: `args:` of a Serve config file arrive as a dict and are validated here."""
+    config = config if isinstance(config, GeneratorAppConfig) else GeneratorAppConfig.model_validate(config)
     return GeneratorDeployment.options(
         num_replicas=config.num_replicas, max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},

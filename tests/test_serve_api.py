@@ -78,6 +78,7 @@ def test_several_images_are_json_equal_to_distar_generate(client, tmp_path, ship
 def test_reference_equals_distar_generate_teacher(client, tmp_path, shipped_weights):
     r = client.post("/reference", json={"prompt": PROMPT, "seed": 3})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["x-model"] == "digits-teacher"
     assert r.content == _cli_pngs(tmp_path, "digits-teacher", PROMPT, 1, 3)[0]
 
 

@@ -103,23 +103,23 @@ def build_api(backend: Backend, health: HealthResponse, title: str = "distar gen
     async def get_health() -> HealthResponse:
         return health
 
-    async def answer(req: GenerateRequest, call) -> Response:
+    async def answer(req: GenerateRequest, call, model: str) -> Response:
         job = Job.from_request(req)
         t0 = time.perf_counter()
         pngs = await call(job)
         secs = round(time.perf_counter() - t0, 6)
-        headers = {"X-Seed": str(job.seed), "X-Model": health.model, "X-Generation-Seconds": f"{secs:.6f}"}
+        headers = {"X-Seed": str(job.seed), "X-Model": model, "X-Generation-Seconds": f"{secs:.6f}"}
         if req.format == "png" or (req.format == "auto" and len(pngs) == 1):
             return Response(pngs[0], media_type="image/png", headers=headers)
         images = [GeneratedImage(prompt=p, index=i, png_base64=base64.b64encode(pngs[k * job.count + i]).decode())
                   for k, p in enumerate(job.prompts) for i in range(job.count)]
-        body = GenerateResponse(model=health.model, seed=job.seed, seconds=secs, width=health.image_size[1],
+        body = GenerateResponse(model=model, seed=job.seed, seconds=secs, width=health.image_size[1],
                                 height=health.image_size[0], images=images)
         return Response(body.model_dump_json(), media_type="application/json", headers=headers)
 
     @app.post("/generate", response_model=GenerateResponse, responses={**ok, **errors})
     async def generate(req: GenerateRequest) -> Response:
-        return await answer(req, backend.generate)
+        return await answer(req, backend.generate, health.model)
 
     @app.post("/reference", response_model=GenerateResponse,
               responses={**ok, **errors, 404: {"model": ErrorResponse, "description": "no reference deployed"}})
@@ -131,7 +131,7 @@ def build_api(backend: Backend, health: HealthResponse, title: str = "distar gen
             raise RequestValidationError([{"loc": ("body", "count"), "type": "less_than_equal",
                                            "msg": f"the reference draws at most {MAX_REFERENCE_IMAGES} images "
                                                   f"per request, asked for {req.n_images}"}])
-        return await answer(req, backend.reference)
+        return await answer(req, backend.reference, health.reference)
 
     return app
 
