@@ -163,3 +163,14 @@ def test_reference_limits_and_absence(client):
     with TestClient(make_app(reference=False)) as bare:
         r = bare.post("/reference", json={"prompt": "3", "seed": 0})
         assert r.status_code == 404 and r.json()["message"].startswith("reference:")
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--model", "no-such-model"], "--model"), (["--reference", "/no/such/dir"], "--reference"),
+    (["--port", "0"], "--port"), (["--max-batch-size", "0"], "--max-batch-size"),
+    (["--replicas", "0"], "--replicas"), (["--batch-wait-ms", "-5"], "--batch-wait-ms"),
+])
+def test_distar_serve_refuses_bad_flags_before_starting_ray(capsys, argv, flag):
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"distar serve: error: {flag}") and "Traceback" not in err, err

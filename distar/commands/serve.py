@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # holds services/ (not part of the installed package)
+FLAGS = {"torch_threads": "--threads", "batch_wait_timeout_s": "--batch-wait-ms", "num_replicas": "--replicas",
+         "num_cpus": "--replica-cpus", "num_gpus": "--gpus"}  # config field -> flag, where the names differ
 
 
 def add_parser(sub) -> None:
@@ -46,6 +48,8 @@ def check_model_spec(flag: str, spec: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from ..cli import UserError
     from ..serving.config import GeneratorAppConfig
 
@@ -54,11 +58,16 @@ def run(args: argparse.Namespace) -> int:
         check_model_spec("--reference", args.reference)
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
-    cfg = GeneratorAppConfig(  # pydantic's ValidationError is a ValueError: printed as one user error
-        model=args.model, reference=args.reference, weights_dir=args.weights_dir, device=args.device,
-        torch_threads=args.threads, batching=args.batching, max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_ms / 1000.0, num_replicas=args.replicas,
-        num_cpus=args.replica_cpus, num_gpus=args.gpus)
+    try:
+        cfg = GeneratorAppConfig(
+            model=args.model, reference=args.reference, weights_dir=args.weights_dir, device=args.device,
+            torch_threads=args.threads, batching=args.batching, max_batch_size=args.max_batch_size,
+            batch_wait_timeout_s=args.batch_wait_ms / 1000.0, num_replicas=args.replicas,
+            num_cpus=args.replica_cpus, num_gpus=args.gpus)
+    except ValidationError as err:
+        e = err.errors()[0]
+        field = str(e["loc"][0]) if e["loc"] else ""
+        raise UserError(f"{FLAGS.get(field, '--' + field.replace('_', '-'))}: {e['msg']}") from None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if str(REPO_ROOT) not in sys.path:
         sys.path.append(str(REPO_ROOT))
