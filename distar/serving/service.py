@@ -110,6 +110,3 @@ class AsyncGenerator:
 
     async def reference(self, job: Job) -> list[bytes]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.service.reference, job)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
