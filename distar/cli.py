@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from distar.errors import UserError  # absolute: `python -m distar.cli` must share the class with commands
+
 # subcommand -> module in distar.commands (one line per command)
 COMMANDS = {
     "train": "distar.commands.train",
@@ -13,10 +15,6 @@ COMMANDS = {
     "eval": "distar.commands.evaluate",
     "serve": "distar.commands.serve",
 }
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as `distar <cmd>: error: <message>` and exit code 2."""
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
