@@ -91,15 +91,6 @@ def deploy_rewards(cfg: RunConfig) -> list[str]:
     return started
 
 
-def _fsdp_wrap(module: torch.nn.Module) -> torch.nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    for child in module.modules():  # shard each large block, then the root (FSDP2 shards in place)
-        if child is not module and type(child).__name__.endswith(("Block2D", "TransformerBlock", "Transformer2DModel")):
-            fully_shard(child)
-    return fully_shard(module)
-
-
 def _train_worker(config: dict) -> None:
     """Runs in every Ray Train worker; torch.distributed is already initialised by TorchTrainer."""
     import ray.train
@@ -124,14 +115,23 @@ def _train_worker(config: dict) -> None:
         logger = RunLogger(config["mlflow_uri"], config["mlflow_run_id"])
 
     def wrap(net: torch.nn.Module) -> torch.nn.Module:
-        if cfg.ray.strategy == "fsdp":
-            return _fsdp_wrap(net)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(net, device_ids=[device] if device.type == "cuda" else None)
 
+    strategy: dict = {"wrap": wrap}
+    if cfg.ray.strategy == "fsdp":  # shards generator, fake score and the big frozen modules (distar.fsdp)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from .fsdp import fsdp_hooks
+
+        strategy = fsdp_hooks(init_device_mesh(device.type, (world,)), rank)
+
     def reduce_metrics(ms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        keys = sorted(ms)
+        from torch.distributed.tensor import DTensor
+
+        keys = sorted(ms)  # FSDP's gradient norms are replicated DTensors
+        ms = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in ms.items()}
         v = torch.stack([ms[k].detach().float().reshape(()).to(device) for k in keys])
         dist.all_reduce(v)
         v = (v / world).cpu()
@@ -155,9 +155,11 @@ def _train_worker(config: dict) -> None:
                 ray.train.report(m)
             seen["checkpoint_step"] = step
 
-        hooks = LoopHooks(rank=rank, world_size=world, wrap=wrap, reduce_metrics=reduce_metrics,
+        # with FSDP every rank joins the image grid's forward, so every rank needs the hook (a no-op on rank > 0)
+        images = bool(config.get("mlflow_run_id")) and (logger is not None or cfg.ray.strategy == "fsdp")
+        hooks = LoopHooks(rank=rank, world_size=world, reduce_metrics=reduce_metrics, **strategy,
                           on_log=(lambda s, m: logger.metrics(s, m)) if logger else None,
-                          on_images=(lambda s, im: logger.images(s, im)) if logger else None,
+                          on_images=(lambda s, im: logger and logger.images(s, im)) if images else None,
                           on_checkpoint=on_checkpoint, barrier=dist.barrier, progress=False,
                           resume_from_out_dir=False)
         reward = None
@@ -181,11 +183,6 @@ def _maybe_fail(fault: dict | None, rank: int, seen: dict) -> None:
 
 def run_on_ray(cfg: RunConfig, *, _fault: dict | None = None) -> dict:
     """Train per `cfg` on Ray (Train workers, Serve rewards, MLflow); returns a summary dict."""
-    if cfg.ray.strategy == "fsdp" and cfg.ray.num_workers > 0 and os.environ.get("DISTAR_EXPERIMENTAL_FSDP") != "1":
-        # _fsdp_wrap shards generator and fake score, but the loop saves state on rank 0 only, and FSDP2
-        # state (DTensor shards, sharded optimizer state) must be gathered on every rank first.
-        raise ConfigError("ray.strategy=fsdp: sharded checkpointing is not implemented yet (the frozen reference "
-                          "is not sharded either); use ray.strategy=ddp")
     cfg = _absolute(cfg)
     started_ray = _connect()
     t0 = time.perf_counter()

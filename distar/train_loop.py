@@ -1,22 +1,25 @@
 """The training loop around `train_step`: batching prompts, logging, evaluation, checkpoints, resume.
 
 It runs as-is in one process (`distar train` with ray.num_workers=0) and inside each Ray Train worker,
-which passes `LoopHooks` for the parts that differ (DDP wrapping, cross-rank metric averaging, reporting
-checkpoints to Ray, MLflow). Nothing here imports Ray or reads the environment.
+which passes `LoopHooks` for the parts that differ (DDP wrapping or FSDP sharding, cross-rank metric
+averaging, reporting checkpoints to Ray, MLflow). How trained state is read and written is a `StateIO`:
+whole modules here, sharded ones in `distar.fsdp`. Nothing here imports Ray or torch.distributed, or reads
+the environment.
 """
 from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .bundle import unwrap
+from .bundle import ModelBundle, unwrap
 from .config import RunConfig, dump_config
 from .ema import EMA
 from .prompts import load_prompts
@@ -30,15 +33,44 @@ def _identity(x):
     return x
 
 
+class StateIO:
+    """Trained state in and out of the loop when every rank holds whole modules (one process, DDP).
+
+    `distar.fsdp.FSDPStateIO` is the counterpart for sharded modules; its methods are collectives, which
+    it says with `collective = True`: the loop then calls `gather`, `averaged_generator` (evaluation) and
+    image grids on every rank, and only rank 0 writes and logs.
+    """
+
+    collective = False
+
+    def gather(self, state: TrainState) -> tuple[dict, dict]:
+        """(EMA generator state dict, resume state) as full tensors; what rank 0 gets is written."""
+        return ema_generator_state(state), state_dict_for_resume(state)
+
+    def load(self, state: TrainState, ckpt_dir: Path) -> None:
+        """Resume from a checkpoint directory written from `gather`."""
+        load_resume_state(state, ckpt.load_train_state(ckpt_dir, map_location=state.bundle.device))
+
+    def load_weights(self, net: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
+        net.load_state_dict(full_state)
+
+    @contextmanager
+    def averaged_generator(self, state: TrainState) -> Iterator[nn.Module]:
+        """The generator with the EMA weights, for evaluation."""
+        yield state.ema.averaged(unwrap(state.generator)).eval()
+
+
 @dataclass
 class LoopHooks:
     rank: int = 0
     world_size: int = 1
-    wrap: Callable[[nn.Module], nn.Module] = _identity                     # e.g. DDP
+    wrap: Callable[[nn.Module], nn.Module] = _identity                     # e.g. DDP, or FSDP2 sharding
+    prepare_bundle: Callable[[ModelBundle], None] = lambda bundle: None    # before wrap, e.g. shard the reference
+    state_io: StateIO = field(default_factory=StateIO)
     reduce_metrics: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = _identity
     on_log: Callable[[int, dict[str, float]], None] | None = None         # rank 0 only
     on_checkpoint: Callable[[int, Path, dict[str, float]], None] | None = None  # every rank, after rank 0 wrote
-    on_images: Callable[[int, torch.Tensor], None] | None = None           # rank 0 only
+    on_images: Callable[[int, torch.Tensor], None] | None = None  # rank 0; every rank if state_io.collective
     barrier: Callable[[], None] = lambda: None
     progress: bool = True
     resume_from_out_dir: bool = True  # False under Ray Train: resume only from the checkpoint Ray hands back
@@ -69,6 +101,7 @@ def _seeded(seed: int, rank: int, step: int) -> torch.Generator:
 
 def build_state(cfg: RunConfig, device: torch.device, hooks: LoopHooks) -> TrainState:
     bundle = build_bundle(cfg.model, device)
+    hooks.prepare_bundle(bundle)
     g, f = cfg.train.generator_optim, cfg.train.fake_optim
     return TrainState(
         bundle=bundle,
@@ -80,16 +113,22 @@ def build_state(cfg: RunConfig, device: torch.device, hooks: LoopHooks) -> Train
     )
 
 
+def resume_dict(state: TrainState, generator: dict, fake_score: dict, generator_opt: dict, fake_opt: dict,
+                ema: dict) -> dict:
+    """The resume state (train_state.pt) from full state dicts of each part."""
+    return {"generator": generator, "fake_score": fake_score, "generator_opt": generator_opt,
+            "fake_opt": fake_opt, "ema": ema, "step": state.step,
+            "fake_warmup_done": state.extras.get("fake_warmup_done", False)}
+
+
+def restore_progress(state: TrainState, saved: dict) -> None:
+    state.step = int(saved["step"])
+    state.extras["fake_warmup_done"] = bool(saved.get("fake_warmup_done", True))
+
+
 def state_dict_for_resume(state: TrainState) -> dict:
-    return {
-        "generator": unwrap(state.generator).state_dict(),
-        "fake_score": unwrap(state.fake_score).state_dict(),
-        "generator_opt": state.generator_opt.state_dict(),
-        "fake_opt": state.fake_opt.state_dict(),
-        "ema": state.ema.state_dict(),
-        "step": state.step,
-        "fake_warmup_done": state.extras.get("fake_warmup_done", False),
-    }
+    return resume_dict(state, unwrap(state.generator).state_dict(), unwrap(state.fake_score).state_dict(),
+                       state.generator_opt.state_dict(), state.fake_opt.state_dict(), state.ema.state_dict())
 
 
 def load_resume_state(state: TrainState, saved: dict) -> None:
@@ -98,8 +137,7 @@ def load_resume_state(state: TrainState, saved: dict) -> None:
     state.generator_opt.load_state_dict(saved["generator_opt"])
     state.fake_opt.load_state_dict(saved["fake_opt"])
     state.ema.load_state_dict(saved["ema"])
-    state.step = int(saved["step"])
-    state.extras["fake_warmup_done"] = bool(saved.get("fake_warmup_done", True))
+    restore_progress(state, saved)
 
 
 def ema_generator_state(state: TrainState) -> dict[str, torch.Tensor]:
@@ -111,13 +149,14 @@ def ema_generator_state(state: TrainState) -> dict[str, torch.Tensor]:
     return sd
 
 
-def init_from_checkpoint(state: TrainState, src: Path, ema_decay: float) -> None:
+def init_from_checkpoint(state: TrainState, src: Path, ema_decay: float, state_io: StateIO | None = None) -> None:
     """Start from a finished run: its (EMA) generator, and its fake score when the directory has one."""
+    io = state_io or StateIO()
     gen = unwrap(state.generator)
-    gen.load_state_dict(ckpt.load_generator_state(src))
+    io.load_weights(gen, ckpt.load_generator_state(src))
     state.ema = EMA(gen, ema_decay)
     if (src / ckpt.STATE_FILE).is_file():
-        unwrap(state.fake_score).load_state_dict(ckpt.load_train_state(src)["fake_score"])
+        io.load_weights(unwrap(state.fake_score), ckpt.load_train_state(src)["fake_score"])
         state.extras["fake_warmup_done"] = True  # the fake score already tracks this generator
 
 
@@ -141,12 +180,12 @@ def _check_resumable(cfg: RunConfig, ckpt_dir: Path) -> None:
                               f"choose a new train.out_dir")
 
 
-def _evaluate(state: TrainState, rng_seed: int) -> dict[str, float]:
+def _evaluate(state: TrainState, rng_seed: int, state_io: StateIO) -> dict[str, float]:
     bundle = state.bundle
     if not hasattr(bundle, "evaluate"):
         return {}
-    net = state.ema.averaged(unwrap(state.generator)).eval()
-    return {f"eval/{k}": v for k, v in bundle.evaluate(net, torch.Generator().manual_seed(rng_seed)).items()}
+    with state_io.averaged_generator(state) as net:
+        return {f"eval/{k}": v for k, v in bundle.evaluate(net, torch.Generator().manual_seed(rng_seed)).items()}
 
 
 def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: LoopHooks | None = None,
@@ -157,17 +196,19 @@ def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: L
     out_dir = Path(cfg.train.out_dir)
     torch.manual_seed(cfg.train.seed + hooks.rank)
     state = build_state(cfg, device, hooks)
+    io = hooks.state_io
+    joins = hooks.is_main or io.collective  # ranks that take part in evaluation, image grids and gathering state
     if reward_client is None and cfg.reward.terms and cfg.loss.alpha_rew > 0:
         reward_client = LocalRewardClient(build_weighted_reward(cfg.reward, device))
 
     resume_dir = resume_dir or (ckpt.latest_checkpoint(out_dir) if hooks.resume_from_out_dir else None)
     if resume_dir is not None:
         _check_resumable(cfg, Path(resume_dir))
-        load_resume_state(state, ckpt.load_train_state(resume_dir, map_location=device))
+        io.load(state, Path(resume_dir))
         if hooks.is_main:
             print(f"[distar] resumed from {resume_dir} at step {state.step}", flush=True)
     elif cfg.train.init_from is not None:
-        init_from_checkpoint(state, Path(cfg.train.init_from), cfg.train.ema_decay)
+        init_from_checkpoint(state, Path(cfg.train.init_from), cfg.train.ema_decay, io)
     rng = _seeded(cfg.train.seed, hooks.rank, state.step)
 
     prompts = list(cfg.prompts) or (
@@ -202,10 +243,11 @@ def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: L
 
     def save(final: bool, metrics: dict[str, float]) -> Path | None:
         path = None
+        if joins:
+            generator_state, train_state = io.gather(state)
         if hooks.is_main:
-            kwargs = dict(generator_state=ema_generator_state(state), config_yaml=config_yaml,
-                          meta={"step": state.step, "metrics": metrics},
-                          train_state=state_dict_for_resume(state))
+            kwargs = dict(generator_state=generator_state, config_yaml=config_yaml,
+                          meta={"step": state.step, "metrics": metrics}, train_state=train_state)
             path = ckpt.save_step_checkpoint(out_dir, state.step, **kwargs)
             if final:
                 kwargs["train_state"] = None
@@ -233,8 +275,10 @@ def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: L
             last = {k: float(v) for k, v in reduced.items()}
             last["perf/images_per_s"] = count * bs * hooks.world_size / max(dt, 1e-9)
             last["step"] = state.step
+            if joins:
+                evaluation = _evaluate(state, cfg.train.seed + 7, io)
             if hooks.is_main:
-                last.update(_evaluate(state, cfg.train.seed + 7))
+                last.update(evaluation)
                 history.append(last)
                 with open(out_dir / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(last) + "\n")
@@ -247,14 +291,14 @@ def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: L
                 if hooks.on_log is not None:
                     hooks.on_log(state.step, last)
             sums, count, t_interval = {}, 0, time.perf_counter()
-        if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 and hooks.is_main:
+        if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 and joins:
             _emit_images(state, prompts, hooks, cfg.train.seed)
         if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0 \
                 and state.step < cfg.train.steps:
             save(False, last)
     if bar is not None:
         bar.close()
-    if hooks.is_main:
+    if joins:
         _emit_images(state, prompts, hooks, cfg.train.seed)
     save(True, last)
     return TrainResult(final_dir=(out_dir / "final") if hooks.is_main else None, history=history,
