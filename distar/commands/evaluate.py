@@ -3,6 +3,9 @@
     distar eval --models "reference 50-step CFG=digits-teacher" digits-onestep runs/di_star_a10 --out results/
 Columns: proxy rewards, gold boldness, judge accuracy, Frechet distance (judge features vs held-out real
 digits), per-class diversity, milliseconds per image. Every model gets the same prompts and seeds.
+
+With --prompts FILE (PartiPrompts TSV or one prompt per line) it runs the general path instead
+(distar.evaluation): multi-step references (ref[@N]:PIPELINE) and one-step models, scored by --rewards.
 """
 from __future__ import annotations
 
@@ -22,6 +25,20 @@ def add_parser(sub) -> None:
     p.add_argument("--real", action="store_true", help="add a row for the held-out real digits")
     p.add_argument("--out", required=True, help="directory for results.md and results.json")
     p.add_argument("--threads", type=int, default=2)
+    g = p.add_argument_group("prompt-file evaluation (distar.evaluation; selected by --prompts)")
+    g.add_argument("--prompts", default=None, help="PartiPrompts .tsv (Prompt, Category) or one prompt per line")
+    g.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    g.add_argument("--images-per-prompt", type=int, default=1)
+    g.add_argument("--rewards", nargs="*", default=[], help="name[:path] ... (image_reward, aesthetic, pickscore, "
+                   "clip_score, hpsv2)")
+    g.add_argument("--rewards-backend", choices=["local", "serve"], default="local")
+    g.add_argument("--batch-size", type=int, default=4, help="prompts per generation batch")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weights of multi-step references")
+    g.add_argument("--mlflow", action="store_true", help="also log the results to MLflow")
+    g.add_argument("--mlflow-uri", default=None, help="default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
+    g.add_argument("--mlflow-experiment", default="distar-eval")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +49,13 @@ def run(args: argparse.Namespace) -> int:
     from ..worlds.digits.loading import ModelSpecError, load_model
     from .generate import _check_out
 
+    if args.prompts is not None:
+        from ..evaluation.run import evaluate_prompts
+
+        _check_out(Path(args.out))
+        torch.set_num_threads(args.threads)
+        evaluate_prompts(args)
+        return 0
     if args.n_per_class <= 0:
         raise UserError(f"--n-per-class must be >= 1, got {args.n_per_class}")
     if args.steps <= 0:
