@@ -15,7 +15,7 @@ REWARD_SAVERS = {"image_reward": tiny_sd.save_image_reward_dir, "aesthetic": tin
                  "pickscore": tiny_sd.save_pickscore_dir, "clip_score": tiny_sd.save_open_clip_dir}
 
 
-def save_onestep_checkpoint(pipeline: Path, out: Path, train_steps: int = 2) -> Path:
+def save_onestep_checkpoint(pipeline: Path, out: Path, train_steps: int = 1) -> Path:
     """A `distar train`-style checkpoint dir (config.yaml + generator.safetensors) of a tiny SD1.5 generator."""
     from distar.checkpoint import save_generator_dir
     from distar.config import LossConfig, dump_config, load_config

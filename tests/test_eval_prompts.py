@@ -1,7 +1,7 @@
 """`distar eval --prompts`: the Parti path end to end on tiny random-init SD1.5 models and rewards (offline).
 
 A 6-prompt slice of /work/shared/data/PartiPrompts.tsv (read in place), a 2-step CFG reference and a one-step
-checkpoint trained for two steps (given twice as METHOD@alpha runs, so the plot is drawn), the four paper
+checkpoint trained for one step (given twice as METHOD@alpha runs, so the plot is drawn), the four paper
 rewards built tiny on disk. Checked: table files, columns and categories; identical scores from two fresh
 runs; a re-run generates nothing and gives the same scores; one-line errors naming the bad argument.
 """
