@@ -82,14 +82,19 @@ def test_parti_slice_table_determinism_and_resume(fx, tmp_path, count_generation
         for p in (a / "images" / name).glob("*.png"):
             assert p.read_bytes() == (b / "images" / name / p.name).read_bytes()
 
-    # resume: nothing generated again (no generate() call, PNGs untouched), same scores
+    # resume (logging to MLflow this time): nothing generated again (no generate() call, PNGs untouched)
     count_generation.clear()
     stamps = {p: p.stat().st_mtime_ns for p in (a / "images").rglob("*.png")}
-    assert main(_argv(fx, a)) == 0
+    assert main(_argv(fx, a) + ["--mlflow", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
     assert count_generation == []
     assert {p: p.stat().st_mtime_ns for p in (a / "images").rglob("*.png")} == stamps
     assert json.loads((a / "results.json").read_text())["generated"] == {"SD1.5-tiny": 0, "DIstar@1": 0, "DIstar@10": 0}
     assert json.loads((a / "scores.json").read_text()) == json.loads((b / "scores.json").read_text())
+    from mlflow import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
+        json.loads((a / "results.json").read_text())["mlflow_run_id"])
+    assert run.data.metrics["DIstar_1/CLIP"] == pytest.approx(res["rows"][1]["CLIP"])
 
     # a cache made with other settings is refused, not mixed
     argv = _argv(fx, a)

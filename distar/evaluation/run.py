@@ -155,5 +155,6 @@ def evaluate_prompts(args) -> dict:
         from .tracking import log_eval
 
         result["mlflow_run_id"] = log_eval(args.mlflow_uri, args.mlflow_experiment, result, out)
+        (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     print(markdown_table(rows, columns), flush=True)
     return result
