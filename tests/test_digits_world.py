@@ -73,15 +73,15 @@ def test_reference_applies_cfg_inside(bundle):
 def test_onestep_and_teacher_draw_the_prompted_digits(bundle):
     """The shipped one-step generator (and a short teacher run) produce digits the judge recognises."""
     judges = Judges.load()
-    prompts = [p for p in text.eval_prompts() for _ in range(10)]
+    prompts = [p for p in text.eval_prompts() for _ in range(6)]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         x0 = bundle.generate(bundle.generator, bundle.sample_noise(len(prompts), g), bundle.encode_prompts(prompts))
     m = judges.metrics(bundle.decode(x0), prompts)
     assert m["judge_accuracy"] >= 0.8, m
     assert 0.5 < m["diversity"] < 1.5, m
-    ref = bundle.sample_reference(prompts[::5], torch.Generator().manual_seed(0), steps=10)
-    assert judges.metrics(ref, prompts[::5])["judge_accuracy"] >= 0.8
+    ref = bundle.sample_reference(prompts[::3], torch.Generator().manual_seed(0), steps=8)
+    assert judges.metrics(ref, prompts[::3])["judge_accuracy"] >= 0.8
 
 
 def test_generator_is_dmd2_style_at_tau(bundle):

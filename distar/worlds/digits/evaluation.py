@@ -91,6 +91,7 @@ def evaluate_sampler(name: str, sample: Callable[[list[str], torch.Generator], t
                      weights_dir=None) -> dict:
     """One table row: `sample(prompts, rng) -> images [n,1,16,16] in [0,1]`, timed per image."""
     prompts = [p for p in text.eval_prompts() for _ in range(n_per_class)]
+    sample(prompts[:20], torch.Generator().manual_seed(seed + 1))  # warm-up: one-time costs are not timed
     rng = torch.Generator().manual_seed(seed)
     chunks, t0 = [], time.perf_counter()
     for i in range(0, len(prompts), batch):

@@ -108,11 +108,28 @@ def load_model(spec: str, device: torch.device | str = "cpu", weights_dir: str |
     return LoadedModel(str(p), bundle, multistep=False, net=bundle.generator.eval())
 
 
-def save_images(images: torch.Tensor, out: Path, prefix: str = "sample", grid_scale: int = 4) -> list[Path]:
-    """One PNG per image (native resolution) plus grid.png (upscaled, nearest)."""
+def grid_image(images: torch.Tensor, cols: int | None = None, scale: int = 4):
+    """A PIL image of `images` [n, C, H, W] in [0, 1] tiled in a grid (1-px grey borders), upscaled (nearest)."""
     import math
 
     import numpy as np
+    from PIL import Image
+
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    n, c, h, w = arr.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.zeros((c, rows * (h + 1) + 1, cols * (w + 1) + 1), dtype=torch.uint8) + 64
+    for i, im in enumerate(arr):
+        r, q = divmod(i, cols)
+        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = im
+    g = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(np.ascontiguousarray(g))
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def save_images(images: torch.Tensor, out: Path, prefix: str = "sample") -> list[Path]:
+    """One PNG per image (native resolution) plus grid.png (upscaled)."""
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -123,15 +140,5 @@ def save_images(images: torch.Tensor, out: Path, prefix: str = "sample", grid_sc
         path = out / f"{prefix}_{i:04d}.png"
         Image.fromarray(a).save(path)
         paths.append(path)
-    n = arr.shape[0]
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    c, h, w = arr.shape[1:]
-    grid = torch.zeros((c, rows * (h + 1) + 1, cols * (w + 1) + 1), dtype=torch.uint8) + 64
-    for i, im in enumerate(arr):
-        r, q = divmod(i, cols)
-        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = im
-    g = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
-    img = Image.fromarray(np.ascontiguousarray(g))
-    img.resize((img.width * grid_scale, img.height * grid_scale), Image.NEAREST).save(out / "grid.png")
+    grid_image(images).save(out / "grid.png")
     return paths

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-ALPHAS = (1.0, 3.0, 10.0)
+ALPHAS = (0.1, 0.3, 1.0)
 ROWS: list[tuple[str, str, float | None, list[str]]] = (
     [(f"DI* alpha_rew={a:g}", "DI*", a, ["loss.divergence=score", f"loss.alpha_rew={a}"]) for a in ALPHAS]
     + [(f"DI++ (KL) alpha_rew={a:g}", "DI++ (KL)", a, ["loss.divergence=kl", f"loss.alpha_rew={a}"]) for a in ALPHAS]
@@ -68,6 +68,40 @@ def evaluate_all(trained: dict[str, dict], n_per_class: int, seed: int, log=prin
     return rows
 
 
+def save_grids(trained: dict[str, dict], docs: Path, per_class: int = 8) -> None:
+    """docs/digits_grid_<model>.png: one row per digit 0..9, same noise for every model."""
+    from . import text
+    from .loading import grid_image, load_model
+
+    prompts = [p for p in text.eval_prompts() for _ in range(per_class)]
+    best = [info["dir"] for label, info in trained.items() if info["method"] == "DI*"]
+    for name, spec in [("teacher", "digits-teacher"), ("onestep", "digits-onestep")] + (
+            [("di_star", best[-1])] if best else []):
+        model = load_model(spec)
+        images = model.sample(prompts, torch.Generator().manual_seed(0), **({"steps": 50} if model.multistep else {}))
+        grid_image(images, cols=per_class).save(docs / f"digits_grid_{name}.png")
+
+
+def retime(rows: list[dict], trained: dict[str, dict], n: int = 250, log=print) -> None:
+    """Re-measure seconds per image of every model, warm, back to back, on `n` images (batch 250)."""
+    from . import text
+    from .loading import load_model
+
+    specs = {"reference 50-step CFG": "digits-teacher", "one-step init (SIM)": "digits-onestep",
+             **{label: info["dir"] for label, info in trained.items()}}
+    prompts = [text.eval_prompts()[i % 10] for i in range(n)]
+    for row in rows:
+        if row["model"] not in specs:
+            continue
+        model = load_model(specs[row["model"]])
+        kw = {"steps": 50} if model.multistep else {}
+        model.sample(prompts[:20], torch.Generator().manual_seed(1), **kw)
+        t0 = time.perf_counter()
+        model.sample(prompts, torch.Generator().manual_seed(0), **kw)
+        row["sec_per_image"] = (time.perf_counter() - t0) / n
+        log(f"{row['model']}: {1000 * row['sec_per_image']:.2f} ms/image")
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -92,7 +126,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.axvline(1.5 * r["frechet"], color="grey", ls=":", lw=1, label="1.5 x reference Frechet")
         if r.get("method") == "init":
             ax.plot([r["frechet"]], [r["gold_boldness"]], "D", color="grey", label="one-step init")
-    ax.set_xlabel("Frechet distance to held-out digits (judge features, lower = more realistic)")
+    ax.set_xscale("log")
+    ax.set_xlabel("Frechet distance to held-out digits (judge features, log; lower = better)")
     ax.set_ylabel("gold boldness (mean ink, never trained on)")
     ax.set_title("digits world: reward vs fidelity (labels: alpha_rew)")
     ax.legend(fontsize=7)
@@ -109,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-per-class", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--retime", action="store_true",
+                    help="only re-measure ms/image (warm, back to back) in an existing docs/digits_results.json")
     ap.add_argument("--rows", type=int, nargs="+", default=None,
                     help="train only these ROWS indices and stop (to spread runs over processes)")
     args = ap.parse_args(argv)
@@ -119,10 +156,19 @@ def main(argv=None) -> int:
         train_rows(runs, args.rows)
         return 0
     trained = train_rows(runs)
+    if args.retime:
+        rows = json.loads((docs / "digits_results.json").read_text())
+        retime(rows, trained)
+        (docs / "digits_results.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (docs / "digits_results_table.md").write_text(markdown_table(rows) + "\n")
+        plot(rows, docs / "digits_reward_vs_fidelity.png")
+        print(markdown_table(rows))
+        return 0
     rows = evaluate_all(trained, args.n_per_class, args.seed)
     (docs / "digits_results.json").write_text(json.dumps(rows, indent=1) + "\n")
     (docs / "digits_results_table.md").write_text(markdown_table(rows) + "\n")
     plot(rows, docs / "digits_reward_vs_fidelity.png")
+    save_grids(trained, docs)
     print(markdown_table(rows))
     return 0
 
