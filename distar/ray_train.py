@@ -178,6 +178,10 @@ def _maybe_fail(fault: dict | None, rank: int, seen: dict) -> None:
     marker = Path(fault["marker"])
     if not marker.exists():
         marker.write_text(str(seen["checkpoint_step"]))
+        # Ray Train's controller registers a reported checkpoint when it next polls the workers; a worker
+        # that dies before that poll restarts the group from the previous one. Give it time to poll, as a
+        # real failure (not milliseconds after a report) would. Rank 0 waits in the next all-reduce meanwhile.
+        time.sleep(float(fault.get("delay_s", 3.0)))
         os._exit(1)
 
 
