@@ -23,27 +23,6 @@ def _config(**kw) -> GeneratorAppConfig:
                               num_cpus=0.25, **kw)
 
 
-@pytest.fixture
-def cluster(request):
-    """The session's shared `ray_cluster` (tests/conftest.py); a private one only where that is missing."""
-    try:
-        yield request.getfixturevalue("ray_cluster")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    import ray
-
-    from .serve_fixtures import REPO_ROOT
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}})
-    try:
-        yield ray
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,7 +30,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.ray
-def test_http_on_cluster_batches_and_validates(cluster):
+def test_http_on_cluster_batches_and_validates(ray_cluster):
     import httpx
     from ray.serve.context import _get_global_client
 
