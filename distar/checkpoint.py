@@ -94,6 +94,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def is_model_dir(path: str | Path) -> bool:
+    """A directory `distar generate/serve/eval` can load: config.yaml + generator.safetensors."""
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() and (p / GENERATOR_FILE).is_file()
+
+
 def load_generator_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
     path = Path(model_dir) / GENERATOR_FILE
     if not path.is_file():

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import is_model_dir
 from ..errors import UserError
 from .cache import GenerationCache, slug
 from .models import EvalModel, image_seed, load_eval_model, parse_models
@@ -35,7 +36,7 @@ def _check_spec(label: str, spec: str) -> None:
     if not p.is_dir():
         raise UserError(f"--models {label}={spec}: not ref[@N]:PIPELINE, a checkpoint directory, a models:/ URI "
                         f"or a built-in digits model")
-    if not (p / "config.yaml").is_file() or not (p / "generator.safetensors").is_file():
+    if not is_model_dir(p):
         raise UserError(f"--models {label}={spec}: a checkpoint directory needs config.yaml and generator.safetensors")
 
 

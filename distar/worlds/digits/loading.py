@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 
+from ...checkpoint import is_model_dir
+
 BUILTIN = ("digits-teacher", "digits-onestep")
 
 
@@ -94,7 +96,7 @@ def load_model(spec: str, device: torch.device | str = "cpu", weights_dir: str |
     if not p.is_dir():
         raise ModelSpecError(f"--model {spec!r}: not a built-in model ({', '.join(BUILTIN)}), "
                              f"not a checkpoint directory, not a models:/ URI")
-    if not (p / "config.yaml").is_file() or not (p / "generator.safetensors").is_file():
+    if not is_model_dir(p):
         raise ModelSpecError(f"--model {spec!r}: a checkpoint directory needs config.yaml and generator.safetensors")
     cfg = load_config(p / "config.yaml")
     if cfg.model.world == "digits":
