@@ -118,12 +118,12 @@ def resume_dict(state: TrainState, generator: dict, fake_score: dict, generator_
     """The resume state (train_state.pt) from full state dicts of each part."""
     return {"generator": generator, "fake_score": fake_score, "generator_opt": generator_opt,
             "fake_opt": fake_opt, "ema": ema, "step": state.step,
-            "fake_warmup_done": state.extras.get("fake_warmup_done", False)}
+            "fake_warmup_done": state.fake_warmup_done}
 
 
 def restore_progress(state: TrainState, saved: dict) -> None:
     state.step = int(saved["step"])
-    state.extras["fake_warmup_done"] = bool(saved.get("fake_warmup_done", True))
+    state.fake_warmup_done = bool(saved.get("fake_warmup_done", True))
 
 
 def state_dict_for_resume(state: TrainState) -> dict:
@@ -157,7 +157,7 @@ def init_from_checkpoint(state: TrainState, src: Path, ema_decay: float, state_i
     state.ema = EMA(gen, ema_decay)
     if (src / ckpt.STATE_FILE).is_file():
         io.load_weights(unwrap(state.fake_score), ckpt.load_train_state(src)["fake_score"])
-        state.extras["fake_warmup_done"] = True  # the fake score already tracks this generator
+        state.fake_warmup_done = True  # the fake score already tracks this generator
 
 
 def _check_resumable(cfg: RunConfig, ckpt_dir: Path) -> None:
@@ -226,11 +226,11 @@ def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: L
         idx = torch.randint(len(prompts), (bs,), generator=rng)
         return [prompts[i] for i in idx.tolist()]
 
-    if not state.extras.get("fake_warmup_done", False):
+    if not state.fake_warmup_done:
         for _ in range(cfg.train.fake_warmup_steps):
             p = batch_prompts()
             fake_update(state, state.bundle.encode_prompts(p), bs, cfg.loss, cfg.train.grad_clip, rng)
-        state.extras["fake_warmup_done"] = True
+        state.fake_warmup_done = True
 
     history: list[dict[str, float]] = []
     sums: dict[str, torch.Tensor] = {}

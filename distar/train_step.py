@@ -11,7 +11,7 @@ Generator loss (per sample, then averaged):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -33,7 +33,7 @@ class TrainState:
     fake_opt: torch.optim.Optimizer
     ema: EMA
     step: int = 0                    # generator updates done
-    extras: dict = field(default_factory=dict)
+    fake_warmup_done: bool = False   # the fake score has adapted to this generator (warm-up or init_from)
 
 
 def _noise_like(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
