@@ -61,6 +61,11 @@ def time_weight(kind: str, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Te
     uniform:  1                         (the pseudo-Huber on eps differences = score divergence with w(t)=sigma_t)
     sigma:    sigma_t                   (down-weights low noise, where eps errors are amplified in x0)
     snr_clip: min(1, sigma_t / alpha_t) (uniform at high noise, sigma-like at low noise)
+    score:    1 / sigma_t               (score units: paired with the per-sample c_t = c * sigma_t from
+                                        `losses.effective_c(..., weighting='score')`, lambda(t) * L_div(eps, c_t)
+                                        is exactly the surrogate -<u_s, s_fake - s_eps> written with scores
+                                        s = -eps / sigma_t and a constant c; tests/test_calibration.py. Up-weights
+                                        low noise: 1/sigma_t is ~7.3 at t=20 and ~1 at t=999 on SD's schedule)
     """
     if kind == "uniform":
         return torch.ones_like(sigma)
@@ -68,7 +73,9 @@ def time_weight(kind: str, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Te
         return sigma
     if kind == "snr_clip":
         return torch.clamp(sigma / alpha, max=1.0)
-    raise ValueError(f"time weighting {kind!r}: expected one of 'uniform', 'sigma', 'snr_clip'")
+    if kind == "score":
+        return 1.0 / sigma
+    raise ValueError(f"time weighting {kind!r}: expected one of 'uniform', 'sigma', 'snr_clip', 'score'")
 
 
 def sample_timesteps(n: int, t_min: int, t_max: int, generator: torch.Generator | None = None,

@@ -13,7 +13,12 @@ Which parts are detached is the whole point:
 """
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
+
+C_SCALES = ("per_sample", "per_dim")
 
 
 def _per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -28,12 +33,67 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], *([1] * (like.dim() - 1)))
 
 
-def pseudo_huber(y: torch.Tensor, c: float) -> torch.Tensor:
-    """d(y) = sqrt(||y||^2 + c^2) - c per sample [B]."""
+def _per_sample_c(c: float | torch.Tensor, y: torch.Tensor, who: str,
+                  positive: bool = True) -> float | torch.Tensor:
+    """A float stays a float (the original code path, bit for bit); a tensor becomes [B] in y's dtype/device.
+
+    A tensor's positivity is not checked (that would be a host sync): build it with `effective_c` from a
+    validated c > 0 and sigma_t > 0.
+    """
+    if not isinstance(c, torch.Tensor):
+        if positive and not c > 0:
+            raise ValueError(f"{who}: c must be > 0 for pseudo_huber, got {c}")
+        return c
+    if c.dim() == 0:
+        c = c.expand(y.shape[0])
+    if c.dim() != 1 or c.shape[0] != y.shape[0]:
+        raise ValueError(f"{who}: c must be a float, a 0-d tensor or a per-sample tensor [B={y.shape[0]}], "
+                         f"got shape {tuple(c.shape)}")
+    return c.to(device=y.device, dtype=y.dtype)
+
+
+def pseudo_huber(y: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
+    """d(y) = sqrt(||y||^2 + c^2) - c per sample [B]; c a float or a per-sample tensor [B]."""
+    c = _per_sample_c(c, y, "pseudo_huber", positive=False)
     return torch.sqrt(_per_sample_sqnorm(y) + c * c) - c
 
 
-def score_divergence_loss(eps_fake: torch.Tensor, eps_ref: torch.Tensor, eps: torch.Tensor, *, c: float,
+def effective_c(c: float, c_scale: str = "per_sample", dims: int | Sequence[int] = 1, *,
+                sigma: torch.Tensor | None = None, weighting: str = "uniform") -> float | torch.Tensor:
+    """The pseudo-Huber constant `score_divergence_loss` is given, in epsilon units over a whole sample.
+
+    c_scale (how the user's `c` is read):
+      per_sample: c as written: ||e_fake - e_ref|| over the whole sample is compared with c. The regime a
+                  given c means depends on the sample size D (the gap of D i.i.d. errors grows like sqrt(D)).
+      per_dim:    c * sqrt(D): c is a per-element RMS gap, so the same number means the same regime
+                  (||y|| / sqrt(D) vs c) at 2, 16x16x1 and 128x128x4 elements.
+    weighting:
+      "score":    additionally times sigma_t, per sample -> a tensor [B]. With lambda(t) = 1/sigma_t
+                  (`diffusion.time_weight('score', ...)`) the generator loss is then exactly the pseudo-Huber
+                  surrogate written in score units (s = -eps/sigma_t) with the constant c at every t.
+      otherwise:  a float (c is the same at every t).
+
+    Args:
+        c: the configured constant (> 0).
+        dims: D, the number of elements per sample, or the per-sample shape (its product is D).
+        sigma: [B] sigma_t of each sample; required for weighting='score', ignored otherwise.
+    """
+    if c_scale not in C_SCALES:
+        raise ValueError(f"effective_c: c_scale {c_scale!r}: expected one of {C_SCALES}")
+    d = dims if isinstance(dims, int) else math.prod(dims)
+    if d < 1:
+        raise ValueError(f"effective_c: dims must give at least one element per sample, got {dims!r}")
+    if c_scale == "per_dim":
+        c = c * math.sqrt(d)
+    if weighting == "score":
+        if sigma is None:
+            raise ValueError("effective_c: weighting='score' needs sigma_t (c_t = c * sigma_t)")
+        return c * sigma
+    return c
+
+
+def score_divergence_loss(eps_fake: torch.Tensor, eps_ref: torch.Tensor, eps: torch.Tensor, *,
+                          c: float | torch.Tensor,
                           distance: str = "pseudo_huber", full: bool = False) -> torch.Tensor:
     """The SIM / DI* generator surrogate, per sample [B].
 
@@ -46,15 +106,16 @@ def score_divergence_loss(eps_fake: torch.Tensor, eps_ref: torch.Tensor, eps: to
         eps_fake: [B, ...] fake-score epsilon at x_t (fake params frozen, x_t attached to the generator).
         eps_ref:  [B, ...] reference epsilon with CFG at x_t (params frozen, x_t attached).
         eps:      [B, ...] the noise that made x_t = alpha_t x0 + sigma_t eps.
-        c:        pseudo-Huber constant (> 0), in epsilon units over a whole sample.
+        c:        pseudo-Huber constant (> 0), in epsilon units over a whole sample: a float (the same for
+                  every sample) or a per-sample tensor [B] (e.g. c_t = c * sigma_t from `effective_c` for the
+                  score-unit weighting). Unused by l2.
     """
     if eps_fake.shape != eps_ref.shape or eps_fake.shape != eps.shape:
         raise ValueError(f"score_divergence_loss: eps_fake {tuple(eps_fake.shape)}, eps_ref {tuple(eps_ref.shape)} "
                          f"and eps {tuple(eps.shape)} must have the same shape")
     y = eps_fake - eps_ref
     if distance == "pseudo_huber":
-        if not c > 0:
-            raise ValueError(f"score_divergence_loss: c must be > 0 for pseudo_huber, got {c}")
+        c = _per_sample_c(c, y, "score_divergence_loss")
         root = torch.sqrt(_per_sample_sqnorm(y) + c * c)
         u = y / _bcast(root, y)
         d = root - c
