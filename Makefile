@@ -1,5 +1,5 @@
-# Set-up and entry points. Every target creates .venv on first use (see ../shared/ENVIRONMENT.md for why
-# torch is installed first and pinned: the matched torch/torchvision pair is on this machine's disk).
+# Set-up and entry points. Every target creates .venv on first use: torch and its matching torchvision are
+# installed first, pinned to the pair that exists as matching wheels (a newer torch pulls GBs of CUDA wheels).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv

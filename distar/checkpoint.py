@@ -17,10 +17,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .bundle import unwrap
+from .ema import EMA
+
+if TYPE_CHECKING:
+    from .train_step import TrainState
 
 GENERATOR_FILE = "generator.safetensors"
 STATE_FILE = "train_state.pt"
@@ -110,3 +118,90 @@ def load_generator_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def load_train_state(ckpt_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     return torch.load(Path(ckpt_dir) / STATE_FILE, map_location=map_location, weights_only=False)
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
+    """Load a full state dict into `module`, cast to the module's dtypes; a key mismatch names `source`."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source}: the weights do not fit {type(module).__name__} "
+                         f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    return module
+
+
+# ------------------------------------------------------------------------------------ resume state
+class StateIO:
+    """Trained state in and out of the loop when every rank holds whole modules (one process, DDP).
+
+    `distar.fsdp.FSDPStateIO` is the counterpart for sharded modules; its methods are collectives, which
+    it says with `collective = True`: the loop then calls `gather`, `averaged_generator` (evaluation) and
+    image grids on every rank, and only rank 0 writes and logs.
+    """
+
+    collective = False
+
+    def gather(self, state: "TrainState") -> tuple[dict, dict]:
+        """(EMA generator state dict, resume state) as full tensors; what rank 0 gets is written."""
+        return ema_generator_state(state), state_dict_for_resume(state)
+
+    def load(self, state: "TrainState", ckpt_dir: Path) -> None:
+        """Resume from a checkpoint directory written from `gather`."""
+        load_resume_state(state, load_train_state(ckpt_dir, map_location=state.bundle.device))
+
+    def load_weights(self, net: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
+        net.load_state_dict(full_state)
+
+    @contextmanager
+    def averaged_generator(self, state: "TrainState") -> Iterator[nn.Module]:
+        """The generator with the EMA weights, for evaluation."""
+        yield state.ema.averaged(unwrap(state.generator)).eval()
+
+
+def resume_dict(state: "TrainState", generator: dict, fake_score: dict, generator_opt: dict, fake_opt: dict,
+                ema: dict) -> dict:
+    """The resume state (train_state.pt) from full state dicts of each part."""
+    return {"generator": generator, "fake_score": fake_score, "generator_opt": generator_opt,
+            "fake_opt": fake_opt, "ema": ema, "step": state.step,
+            "fake_warmup_done": state.fake_warmup_done}
+
+
+def restore_progress(state: "TrainState", saved: dict) -> None:
+    state.step = int(saved["step"])
+    state.fake_warmup_done = bool(saved.get("fake_warmup_done", True))
+
+
+def state_dict_for_resume(state: "TrainState") -> dict:
+    return resume_dict(state, unwrap(state.generator).state_dict(), unwrap(state.fake_score).state_dict(),
+                       state.generator_opt.state_dict(), state.fake_opt.state_dict(), state.ema.state_dict())
+
+
+def load_resume_state(state: "TrainState", saved: dict) -> None:
+    unwrap(state.generator).load_state_dict(saved["generator"])
+    unwrap(state.fake_score).load_state_dict(saved["fake_score"])
+    state.generator_opt.load_state_dict(saved["generator_opt"])
+    state.fake_opt.load_state_dict(saved["fake_opt"])
+    state.ema.load_state_dict(saved["ema"])
+    restore_progress(state, saved)
+
+
+def ema_generator_state(state: "TrainState") -> dict[str, torch.Tensor]:
+    net = unwrap(state.generator)
+    sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    params = dict(net.named_parameters())
+    for k, s in state.ema.shadow.items():
+        sd[k] = s.to(dtype=params[k].dtype)
+    return sd
+
+
+def init_from_checkpoint(state: "TrainState", src: Path, ema_decay: float, state_io: StateIO | None = None) -> None:
+    """Start from a finished run: its (EMA) generator, and its fake score when the directory has one."""
+    io = state_io or StateIO()
+    gen = unwrap(state.generator)
+    io.load_weights(gen, load_generator_state(src))
+    state.ema = EMA(gen, ema_decay)
+    if (src / STATE_FILE).is_file():
+        io.load_weights(unwrap(state.fake_score), load_train_state(src)["fake_score"])
+        state.fake_warmup_done = True  # the fake score already tracks this generator

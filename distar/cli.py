@@ -1,5 +1,9 @@
 """The `distar` console script. Each subcommand lives in distar/commands/<name>.py with
-`add_parser(subparsers)` and `run(args) -> int`; user errors print one message and exit 2, no traceback."""
+`add_parser(subparsers)` and `run(args) -> int`.
+
+Only `UserError` (bad input: ConfigError and ModelSpecError are UserErrors) and pydantic's
+`ValidationError` print as one line with exit code 2; every other exception keeps its traceback, because
+it is a bug to report, not a mistake to correct."""
 from __future__ import annotations
 
 import argparse
@@ -17,14 +21,13 @@ COMMANDS = {
 }
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from .config import ConfigError
-
-    return (UserError, ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError)
-
-
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="distar", description="Diff-Instruct* post-training of one-step generators")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity", default=0,
+                      help="debug logging (module names shown)")
+    loud.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity",
+                      help="warnings and results only, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, modname in COMMANDS.items():
@@ -40,11 +43,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from .logs import setup_logging
+
     parser, modules = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(args.verbosity)
     try:
         return int(modules[args.command].run(args) or 0)
-    except _user_error_types() as err:
+    except (UserError, ValidationError) as err:
         print(f"distar {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,10 +14,12 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import UserError
+
 BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration the user wrote cannot be used; the message says which field and why."""
 
 
@@ -42,7 +44,9 @@ class DigitsModel(_Frozen):
 
     world: Literal["digits"] = "digits"
     weights_dir: Optional[str] = Field(None, description="directory of a digits model bundle; None = shipped")
-    generator: Optional[str] = Field(None, description="generator checkpoint dir; None = the shipped one-step init")
+    generator: Optional[str] = Field(
+        None, description="generator checkpoint dir or .safetensors; None = the shipped one-step init; "
+                          "'teacher' = a copy of the teacher (distillation)")
     guidance_scale: float = Field(2.0, ge=0.0)
     conditioning_timestep: Optional[int] = Field(None, ge=0, le=999, description="None = the bundle's own")
 
@@ -70,14 +74,47 @@ ModelConfig = Annotated[Union[Gaussian2DModel, DigitsModel, StableDiffusionModel
 
 
 # ----------------------------------------------------------------------------------------------- loss
+class AlphaControl(_Frozen):
+    """Adaptive reward weight (like PPO's adaptive KL coefficient): `loss.alpha_rew` becomes the initial value.
+
+    After every generator update, with the step's fidelity signal s (no extra network calls: the score gap
+    the step already computed) smoothed as s_ema = ema * s_ema + (1 - ema) * s,
+        alpha_rew <- clip(alpha_rew * exp(-rate * clip((s_ema - target) / target, -1, 1)), alpha_min, alpha_max)
+    so alpha_rew shrinks while the generator is farther from the reference than `target` and grows while it
+    is closer: the run holds the chosen distance to the reference (distar/reward_weight.py).
+    """
+
+    signal: Literal["score_gap", "gap_over_c"] = Field(
+        "gap_over_c", description="score_gap = mean ||e_fake - e_ref|| (epsilon units); gap_over_c = mean of "
+                                  "||e_fake - e_ref|| / c_eff (unitless: << 1 L2 regime, >> 1 unit-direction regime)")
+    target: float = Field(..., gt=0.0, description="the signal value to hold")
+    rate: float = Field(0.05, gt=0.0, le=1.0, description="largest multiplicative log-step of alpha_rew per update")
+    alpha_min: float = Field(1e-3, gt=0.0, description="lower bound of alpha_rew (> 0: a zero weight cannot grow back)")
+    alpha_max: float = Field(1e3, gt=0.0, description="upper bound of alpha_rew")
+    ema: float = Field(0.9, ge=0.0, lt=1.0, description="smoothing of the signal (0 = use each step's value)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AlphaControl":
+        if not self.alpha_min < self.alpha_max:
+            raise ValueError(f"alpha_control.alpha_min ({self.alpha_min}) must be < "
+                             f"alpha_control.alpha_max ({self.alpha_max})")
+        return self
+
+
 class LossConfig(_Frozen):
     divergence: Literal["score", "kl", "none"] = Field(
         "score", description="score = DI* (pseudo-Huber/L2 score divergence), kl = DI++, none = reward only")
     distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
-    c: float = Field(1.0, gt=0.0, description="pseudo-Huber constant, in epsilon units over a whole sample")
+    c: float = Field(1.0, gt=0.0, description="pseudo-Huber constant, in epsilon units (see c_scale)")
+    c_scale: Literal["per_sample", "per_dim"] = Field(
+        "per_sample", description="per_sample: c bounds ||e_fake - e_ref|| over a whole sample; per_dim: c is a "
+                                  "per-element RMS gap (effective c = c * sqrt(D)), the same regime at any resolution")
     full: bool = Field(False, description="add the d(e_f - e_r) term (sampling distribution not stop-gradiented)")
-    weighting: Literal["uniform", "sigma", "snr_clip"] = Field("uniform", description="lambda(t)")
-    alpha_rew: float = Field(0.0, ge=0.0, description="reward weight alpha_rew")
+    weighting: Literal["uniform", "sigma", "snr_clip", "score"] = Field(
+        "uniform", description="lambda(t); score = 1/sigma_t with c_t = c * sigma_t: the pseudo-Huber in score units")
+    alpha_rew: float = Field(0.0, ge=0.0, description="reward weight alpha_rew (the initial value under alpha_control)")
+    alpha_control: Optional[AlphaControl] = Field(
+        None, description="adapt alpha_rew to hold a fidelity signal at a target; None = constant alpha_rew")
     t_min: int = Field(20, ge=0, description="generator loss timestep range, inclusive")
     t_max: int = Field(980, ge=0)
     fake_t_min: int = Field(0, ge=0)
@@ -89,7 +126,37 @@ class LossConfig(_Frozen):
             raise ValueError(f"loss.t_min ({self.t_min}) must be <= loss.t_max ({self.t_max})")
         if self.fake_t_min > self.fake_t_max:
             raise ValueError(f"loss.fake_t_min ({self.fake_t_min}) must be <= loss.fake_t_max ({self.fake_t_max})")
+        if self.weighting == "score" and (self.divergence, self.distance) != ("score", "pseudo_huber"):
+            raise ValueError(f"loss.weighting='score' is the pseudo-Huber score divergence in score units: it needs "
+                             f"loss.divergence='score' and loss.distance='pseudo_huber' (got {self.divergence!r}, "
+                             f"{self.distance!r})")
+        ctl = self.alpha_control
+        if ctl is not None:
+            if self.divergence == "none":
+                raise ValueError("loss.alpha_control needs a divergence (its signal is the score gap): "
+                                 "loss.divergence='none' computes none")
+            if not ctl.alpha_min <= self.alpha_rew <= ctl.alpha_max:
+                raise ValueError(f"loss.alpha_rew ({self.alpha_rew}) is the initial value under loss.alpha_control "
+                                 f"and must lie in [alpha_control.alpha_min, alpha_control.alpha_max] = "
+                                 f"[{ctl.alpha_min}, {ctl.alpha_max}]")
         return self
+
+
+class HackingMonitorConfig(_Frozen):
+    """Reward-hacking monitor (distar/hacking_monitor.py); meant to be attached as `train.monitor`.
+
+    Triggers when the held-out metric has degraded by more than `tolerance` (relative to its best value so
+    far) while the trained reward is still above its value at that best step, for `patience` consecutive
+    evaluations: the optimiser keeps winning on the reward it sees while a judge it never sees gets worse.
+    """
+
+    held_out: str = Field(..., min_length=1, description="held-out metric name, e.g. eval/frechet")
+    mode: Literal["min", "max"] = Field(..., description="which direction is good for the held-out metric")
+    trained: str = Field("reward/total", min_length=1, description="the reward being optimised (higher is better)")
+    tolerance: float = Field(0.25, gt=0.0, description="relative degradation from the best held-out value, 0.25 = 25%")
+    patience: int = Field(2, ge=1, description="consecutive degraded evaluations before it triggers")
+    action: Literal["stop", "keep_best", "warn"] = Field(
+        "warn", description="stop = end the run; keep_best = end it and keep the best step's checkpoint; warn = log")
 
 
 class RewardTerm(_Frozen):
@@ -147,6 +214,9 @@ class RayConfig(_Frozen):
     max_failures: int = Field(0, ge=0)
     run_name: Optional[str] = None
     storage_path: Optional[str] = None
+    log_to_driver: bool = Field(
+        False, description="forward every worker's output to the driver (off: the driver prints each logged "
+                           "step once from metrics.jsonl; worker logs stay in Ray's log files)")
 
 
 class MLflowConfig(_Frozen):
@@ -236,8 +306,8 @@ def _format_validation_error(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not a field of this section)"
-        elif "input" in e and e["type"] not in ("missing",):
-            msg = f"{msg} (got {e['input']!r})"
+        elif "input" in e and e["type"] not in ("missing",) and loc and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"  # a value, never a whole section or the whole config
         lines.append(f"  {loc or '<root>'}: {msg}")
     return "invalid configuration:\n" + "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """VP forward process, epsilon/x0/score conversions and classifier-free guidance (pure torch).
 
-Notation follows ../shared/ALGORITHM.md: `x_t = alpha_t * x0 + sigma_t * eps`, `alpha_t = sqrt(abar_t)`,
+Notation follows docs/algorithm.md: `x_t = alpha_t * x0 + sigma_t * eps`, `alpha_t = sqrt(abar_t)`,
 `sigma_t = sqrt(1 - abar_t)`, score `s(x_t) = -eps_hat / sigma_t`. Timesteps are integer indices into
 `alphas_cumprod` (shape [T]), as in SD/SDXL; per-sample coefficients broadcast over all non-batch dims.
 """

@@ -48,7 +48,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .bundle import ModelBundle, unwrap
-from .train_loop import StateIO, restore_progress, resume_dict
+from .checkpoint import StateIO, restore_progress, resume_dict
 from .train_step import TrainState
 
 DEFAULT_UNIT_PARAMS = 50_000_000    # ~ one SDXL transformer block (35M) or 1280-channel ResNet block (31M)

@@ -1,4 +1,4 @@
-"""The DI* losses (pure torch), exactly as ../shared/ALGORITHM.md defines them.
+"""The DI* losses (pure torch), exactly as docs/algorithm.md defines them.
 
 Every function returns one value per sample, shape [B]; norms and inner products run over all non-batch
 dims. Time weighting lambda(t) and alpha_rew are applied by the caller (distar.train_step), not here.
@@ -153,7 +153,7 @@ def reward_surrogate_loss(image: torch.Tensor, reward_grad: torch.Tensor) -> tor
 def fake_score_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Denoising score matching for the fake score, per sample [B]: mean over non-batch dims of (eps_pred - eps)^2.
 
-    ALGORITHM.md writes ||eps_pred - eps||^2; the mean differs by the constant 1/D, which keeps the loss and
+    docs/algorithm.md writes ||eps_pred - eps||^2; the mean differs by the constant 1/D, which keeps the loss and
     its gradient norms comparable across resolutions (gradient clipping thresholds stay meaningful).
     """
     return (eps_pred.float() - eps.float()).pow(2).flatten(1).mean(dim=1)

@@ -1,4 +1,5 @@
-"""`models:/NAME@ALIAS` (or `models:/NAME/VERSION`) -> a local checkpoint directory, from the MLflow registry.
+"""The MLflow tracking URI rule, and `models:/NAME@ALIAS` (or `models:/NAME/VERSION`) -> a local checkpoint
+directory, from the MLflow registry.
 
 The registered artifact is the checkpoint directory that `distar train` exports (see distar.tracking), so
 anything that loads a checkpoint directory loads a registered model too. Downloads are cached per tracking
@@ -25,29 +26,39 @@ def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distar" / "registry"
 
 
+def default_tracking_uri(mlflow_cfg=None, cwd: str | Path | None = None) -> str:
+    """The configured URI, else $MLFLOW_TRACKING_URI, else a SQLite file in the working directory (absolute)."""
+    uri = (mlflow_cfg.tracking_uri if mlflow_cfg is not None else None) or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = uri or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str((Path(cwd or os.getcwd()) / uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+tracking_uri = default_tracking_uri  # the name the rest of distar (and its users) call
+
+
 def resolve_registry_uri(uri: str, tracking_uri: str | None = None) -> Path:
     """Download (once) the checkpoint directory of a registered model version and return its path."""
-    from .tracking import tracking_uri as default_uri
-
     m = _URI.match(uri)
     if m is None:
         raise RegistryError(f"--model {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    tracking_uri = tracking_uri or default_uri()
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
-        raise RegistryError(f"--model {uri!r}: no MLflow database at {tracking_uri[len('sqlite:///'):]} "
+    store = tracking_uri or default_tracking_uri()
+    if store.startswith("sqlite:///") and not Path(store[len("sqlite:///"):]).is_file():
+        raise RegistryError(f"--model {uri!r}: no MLflow database at {store[len('sqlite:///'):]} "
                             f"(run from the directory that holds mlflow.db, or set MLFLOW_TRACKING_URI)")
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     name = m["name"]
     try:
         mv = client.get_model_version_by_alias(name, m["alias"]) if m["alias"] else client.get_model_version(name, m["version"])
     except MlflowException as err:
-        raise RegistryError(f"--model {uri!r}: not in the registry at {tracking_uri} "
+        raise RegistryError(f"--model {uri!r}: not in the registry at {store} "
                             f"({str(err).splitlines()[0]})") from None
-    key = hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]
+    key = hashlib.sha256(store.encode()).hexdigest()[:12]
     dest = _cache_root() / key / name / str(mv.version)
     found = _find_checkpoint(dest)
     if found is not None:
@@ -57,8 +68,8 @@ def resolve_registry_uri(uri: str, tracking_uri: str | None = None) -> Path:
     tmp.mkdir(parents=True)
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
     download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(tmp))
     if dest.exists():
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,9 +1,15 @@
-"""Prompt files: PartiPrompts' TSV (Prompt, Category, ... columns) or plain text, one prompt per line."""
+"""Prompt files: PartiPrompts' TSV (Prompt, Category, ... columns) or plain text, one prompt per line.
+
+Shipped prompt sets are named instead of given as a path: `parti` is distar/data/PartiPrompts.tsv
+(Apache-2.0, see distar/data/NOTICE.md), an evaluation set."""
 from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+
+DATA_DIR = Path(__file__).parent / "data"
+SHIPPED = {"parti": DATA_DIR / "PartiPrompts.tsv"}
 
 
 @dataclass(frozen=True)
@@ -13,11 +19,11 @@ class Prompt:
 
 
 def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
-    """Read prompts from a .tsv with a `Prompt` header column (Parti) or a text file (blank lines and
+    """Read prompts from a shipped set's name (`parti`), a .tsv with a `Prompt` header column (Parti) or a text file (blank lines and
     lines starting with '#' skipped). Raises FileNotFoundError / ValueError naming the file."""
-    p = Path(path)
+    p = SHIPPED.get(str(path), Path(path))
     if not p.is_file():
-        raise FileNotFoundError(f"prompt file {str(path)!r}: no such file")
+        raise FileNotFoundError(f"prompt file {str(path)!r}: no such file (shipped sets: {sorted(SHIPPED)})")
     text = p.read_text(encoding="utf-8")
     first = text.split("\n", 1)[0]
     if "\t" in first:

@@ -3,24 +3,33 @@
     summary = run_on_ray(load_config("digits_ray"))
 
 The driver (this process, or a Ray Job's entrypoint) connects to Ray ($RAY_ADDRESS, else a private local
-cluster), deploys the reward models as Serve applications when `reward.backend == 'serve'`, opens the
-MLflow run, runs a `TorchTrainer` whose workers call the shared `run_training` with DDP (or FSDP2) hooks,
-then registers the EMA generator. Checkpoints go through `ray.train.report`; re-running with the same
-`ray.run_name` resumes from the newest, and `ray.max_failures` restarts dead workers from it.
+cluster), has the reward models deployed as Serve applications when `reward.backend == 'serve'` (the
+caller passes `services.reward_service.deploy_rewards`: this layer sits below services/), opens the MLflow
+run, runs a `TorchTrainer` whose workers call the shared `run_training` with DDP (or FSDP2) hooks, then
+registers the EMA generator from the run's own `final/` directory. Checkpoints go through
+`ray.train.report`; re-running with the same `ray.run_name` resumes from the newest, and
+`ray.max_failures` restarts dead workers from it.
+
+Output: the workers' log lines stay in Ray's log files (`ray.log_to_driver`, default off), and the driver
+prints each logged step once, read from the run's metrics.jsonl, so Ray's own chatter does not bury it.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
-import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
-from .config import ConfigError, RunConfig, config_from_dict, dump_config
+from .config import ConfigError, RewardConfig, RunConfig, config_from_dict, dump_config
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # holds services/ (not part of the installed package)
+log = logging.getLogger(__name__)
+DeployRewards = Callable[[RewardConfig], list[str]]
 
 
 def _absolute(cfg: RunConfig) -> RunConfig:
@@ -34,21 +43,21 @@ def _absolute(cfg: RunConfig) -> RunConfig:
         "ray": cfg.ray.model_copy(update={"run_name": name, "storage_path": storage})})
 
 
-def _connect() -> bool:
-    """Use the Ray already initialised or $RAY_ADDRESS; else start a private local cluster. True if we started it."""
+def connect(log_to_driver: bool = False) -> bool:
+    """Use the Ray already initialised or $RAY_ADDRESS; else start a private local cluster. True if we started it.
+
+    Ray's own driver-side logging is turned down to WARNING; `log_to_driver` forwards worker output."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if str(REPO_ROOT) not in sys.path and (REPO_ROOT / "services").is_dir():
-        sys.path.append(str(REPO_ROOT))
     if ray.is_initialized():
         return False
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {"env_vars": {"PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
+    kwargs = dict(log_to_driver=log_to_driver, logging_level=logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
         return False
-    ray.init(address="local", include_dashboard=False, runtime_env=env, log_to_driver=True)
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "MLFLOW_TRACKING_URI") if k in os.environ}
+    ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env} if env else None, **kwargs)
     return True
 
 
@@ -72,23 +81,14 @@ def _check_capacity(cfg: RunConfig) -> None:
                 f"DISTAR_SKIP_CAPACITY_CHECK=1 on an autoscaling cluster")
 
 
-def deploy_rewards(cfg: RunConfig) -> list[str]:
-    """Start one Serve application per reward term (reusing any already running); returns those started."""
-    from ray import serve
+def reward_client(cfg: RunConfig):
+    """The one reward-client factory: Serve deployments (reward.backend=serve), else None (the loop builds
+    the rewards in process)."""
+    if cfg.reward.backend != "serve" or cfg.loss.alpha_rew <= 0:
+        return None
+    from .remote_reward import RemoteRewardClient
 
-    from services.reward_service import app_name, reward_app
-
-    serve.start(proxy_location="Disabled")
-    running = serve.status().applications
-    started = []
-    for term in cfg.reward.terms:
-        name = app_name(term.name)
-        if name in running and str(running[name].status).endswith("RUNNING"):
-            print(f"[distar] reward {term.name!r}: using the running Serve app {name!r}", flush=True)
-            continue
-        serve.run(reward_app(term, cfg.reward), name=name, route_prefix=None, logging_config={"log_level": "WARNING"})
-        started.append(name)
-    return started
+    return RemoteRewardClient.from_config(cfg.reward)
 
 
 def _train_worker(config: dict) -> None:
@@ -98,12 +98,13 @@ def _train_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     from . import checkpoint as ckpt
-    from .train_loop import LoopHooks, resolve_device, run_training
+    from .device import pick_device
+    from .train_loop import LoopHooks, run_training
 
     cfg = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = resolve_device(cfg.train.device)
+    device = pick_device(cfg.train.device)
     if device.type == "cuda":
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
@@ -135,16 +136,12 @@ def _train_worker(config: dict) -> None:
         v = torch.stack([ms[k].detach().float().reshape(()).to(device) for k in keys])
         dist.all_reduce(v)
         v = (v / world).cpu()
-        _maybe_fail(config.get("fault"), rank, seen)
         return dict(zip(keys, v))
 
-    seen = {"checkpoint_step": -1}
     ray_ckpt = ray.train.get_checkpoint()
     with (ray_ckpt.as_directory() if ray_ckpt is not None else nullcontext(None)) as resume_dir:
         resumed = -1
         if resume_dir is not None:
-            import json
-
             resumed = int(json.loads((Path(resume_dir) / ckpt.META_FILE).read_text())["step"])
 
         def on_checkpoint(step: int, path: Path | None, metrics: dict[str, float]) -> None:
@@ -153,7 +150,6 @@ def _train_worker(config: dict) -> None:
                 ray.train.report(m, checkpoint=Checkpoint.from_directory(str(path)))
             else:
                 ray.train.report(m)
-            seen["checkpoint_step"] = step
 
         # with FSDP every rank joins the image grid's forward, so every rank needs the hook (a no-op on rank > 0)
         images = bool(config.get("mlflow_run_id")) and (logger is not None or cfg.ray.strategy == "fsdp")
@@ -162,33 +158,17 @@ def _train_worker(config: dict) -> None:
                           on_images=(lambda s, im: logger and logger.images(s, im)) if images else None,
                           on_checkpoint=on_checkpoint, barrier=dist.barrier, progress=False,
                           resume_from_out_dir=False)
-        reward = None
-        if cfg.reward.backend == "serve" and cfg.loss.alpha_rew > 0:
-            from .remote_reward import RemoteRewardClient
-
-            reward = RemoteRewardClient.from_config(cfg.reward)
-        run_training(cfg, device=device, hooks=hooks, reward_client=reward,
+        run_training(cfg, device=device, hooks=hooks, reward_client=reward_client(cfg),
                      resume_dir=Path(resume_dir) if resume_dir is not None else None)
 
 
-def _maybe_fail(fault: dict | None, rank: int, seen: dict) -> None:
-    """Test hook: kill this worker once, after a checkpoint at or beyond fault['after_step'] was reported."""
-    if not fault or rank != fault["rank"] or seen["checkpoint_step"] < fault["after_step"]:
-        return
-    marker = Path(fault["marker"])
-    if not marker.exists():
-        marker.write_text(str(seen["checkpoint_step"]))
-        # Ray Train's controller registers a reported checkpoint when it next polls the workers; a worker
-        # that dies before that poll restarts the group from the previous one. Give it time to poll, as a
-        # real failure (not milliseconds after a report) would. Rank 0 waits in the next all-reduce meanwhile.
-        time.sleep(float(fault.get("delay_s", 3.0)))
-        os._exit(1)
+def run_on_ray(cfg: RunConfig, *, deploy_rewards: DeployRewards | None = None) -> dict:
+    """Train per `cfg` on Ray (Train workers, Serve rewards, MLflow); returns a summary dict.
 
-
-def run_on_ray(cfg: RunConfig, *, _fault: dict | None = None) -> dict:
-    """Train per `cfg` on Ray (Train workers, Serve rewards, MLflow); returns a summary dict."""
+    With reward.backend=serve, `deploy_rewards(cfg.reward)` starts the apps that are not running and
+    returns their names (deleted again at the end); None means they were deployed beforehand."""
     cfg = _absolute(cfg)
-    started_ray = _connect()
+    started_ray = connect(cfg.ray.log_to_driver)
     t0 = time.perf_counter()
     deployed: list[str] = []
     uri = run_id = None
@@ -200,9 +180,13 @@ def run_on_ray(cfg: RunConfig, *, _fault: dict | None = None) -> dict:
 
             uri = tracking.tracking_uri(cfg.mlflow)
             run_id = tracking.start_run(uri, cfg, dump_config(cfg), cfg.ray.run_name)
-        if cfg.reward.backend == "serve" and cfg.loss.alpha_rew > 0:
-            deployed = deploy_rewards(cfg)
-        summary = _fit(cfg, uri, run_id, _fault) if cfg.ray.num_workers > 0 else _in_driver(cfg, uri, run_id)
+        if cfg.reward.backend == "serve" and cfg.loss.alpha_rew > 0 and deploy_rewards is not None:
+            deployed = deploy_rewards(cfg.reward)
+        with _echo_progress(cfg):
+            summary = _fit(cfg, uri, run_id) if cfg.ray.num_workers > 0 else _in_driver(cfg, uri, run_id)
+        if run_id is not None:
+            summary["mlflow_run_id"] = run_id
+            summary.update(_register(cfg, uri, run_id, Path(summary["final_dir"])))
         ok = True
     finally:
         if run_id is not None:
@@ -220,7 +204,53 @@ def run_on_ray(cfg: RunConfig, *, _fault: dict | None = None) -> dict:
     return summary
 
 
-def _fit(cfg: RunConfig, uri: str | None, run_id: str | None, fault: dict | None) -> dict:
+def _register(cfg: RunConfig, uri: str, run_id: str, final_dir: Path) -> dict:
+    """The one registration path: the run's own final/ directory (already on storage), never a Ray download."""
+    if not cfg.mlflow.registered_model:
+        return {}
+    from .tracking import register_generator
+
+    return register_generator(uri, run_id, final_dir, cfg.mlflow.registered_model, cfg.mlflow.alias)
+
+
+@contextmanager
+def _echo_progress(cfg: RunConfig, every_s: float = 0.5) -> Iterator[None]:
+    """Print each line rank 0 appends to metrics.jsonl, once, while the run is going (workers' own output
+    stays in Ray's logs unless ray.log_to_driver)."""
+    path = Path(cfg.train.out_dir) / "metrics.jsonl"
+    seen = len(path.read_text().splitlines()) if path.is_file() else 0
+    stop = threading.Event()
+
+    def echo() -> None:
+        nonlocal seen
+        lines = path.read_text().splitlines() if path.is_file() else []
+        for line in lines[seen:]:
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:  # a line being written: read it next time
+                break
+            from .train_loop import progress_line
+
+            log.info("step %d/%d: %s", int(m["step"]), cfg.train.steps, progress_line(m))
+            seen += 1
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            echo()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    if cfg.ray.num_workers > 0:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+            echo()
+
+
+def _fit(cfg: RunConfig, uri: str | None, run_id: str | None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -231,22 +261,14 @@ def _fit(cfg: RunConfig, uri: str | None, run_id: str | None, fault: dict | None
         name=cfg.ray.run_name, storage_path=cfg.ray.storage_path,
         failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=0),
         checkpoint_config=CheckpointConfig(num_to_keep=2))
-    loop_config = {"cfg": cfg.model_dump(mode="json"), "mlflow_uri": uri, "mlflow_run_id": run_id, "fault": fault}
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "mlflow_uri": uri, "mlflow_run_id": run_id}
     result = TorchTrainer(_train_worker, train_loop_config=loop_config, scaling_config=scaling,
                           run_config=run_config).fit()
     if result.error is not None:
         raise result.error
-    summary = {"run_name": cfg.ray.run_name, "workers": cfg.ray.num_workers, "strategy": cfg.ray.strategy,
-               "final_dir": str(Path(cfg.train.out_dir) / "final"), "checkpoint": result.checkpoint.path,
-               **(result.metrics or {})}
-    if run_id is not None:
-        summary["mlflow_run_id"] = run_id
-        if cfg.mlflow.registered_model:
-            from .tracking import register_generator
-
-            with result.checkpoint.as_directory() as d:
-                summary.update(register_generator(uri, run_id, Path(d), cfg.mlflow.registered_model, cfg.mlflow.alias))
-    return summary
+    return {"run_name": cfg.ray.run_name, "workers": cfg.ray.num_workers, "strategy": cfg.ray.strategy,
+            "final_dir": str(Path(cfg.train.out_dir) / "final"), "checkpoint": result.checkpoint.path,
+            **(result.metrics or {})}
 
 
 def _in_driver(cfg: RunConfig, uri: str | None, run_id: str | None) -> dict:
@@ -258,21 +280,8 @@ def _in_driver(cfg: RunConfig, uri: str | None, run_id: str | None) -> dict:
         from .tracking import RunLogger
 
         logger = RunLogger(uri, run_id)
-    reward = None
-    if cfg.reward.backend == "serve" and cfg.loss.alpha_rew > 0:
-        from .remote_reward import RemoteRewardClient
-
-        reward = RemoteRewardClient.from_config(cfg.reward)
     hooks = LoopHooks(on_log=(lambda s, m: logger.metrics(s, m)) if logger else None,
                       on_images=(lambda s, im: logger.images(s, im)) if logger else None)
-    result = run_training(cfg, hooks=hooks, reward_client=reward)
-    summary = {"run_name": cfg.ray.run_name, "workers": 0, "final_dir": str(result.final_dir),
-               **(result.history[-1] if result.history else {})}
-    if run_id is not None:
-        summary["mlflow_run_id"] = run_id
-        if cfg.mlflow.registered_model:
-            from .tracking import register_generator
-
-            summary.update(register_generator(uri, run_id, result.final_dir, cfg.mlflow.registered_model,
-                                              cfg.mlflow.alias))
-    return summary
+    result = run_training(cfg, hooks=hooks, reward_client=reward_client(cfg))
+    return {"run_name": cfg.ray.run_name, "workers": 0, "final_dir": str(result.final_dir),
+            **(result.history[-1] if result.history else {})}

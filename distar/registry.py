@@ -1,4 +1,4 @@
-"""Explicit name -> implementation mappings for worlds (model bundles) and reward models.
+"""Explicit name -> implementation mappings for worlds (model bundles), built-in models and reward models.
 
 Values are "module:attribute" strings imported on first use, so naming a reward does not import every
 reward library. Adding a world or a reward means adding one line here.
@@ -12,9 +12,18 @@ from typing import Any, Callable
 WORLDS: dict[str, str] = {
     "gaussian2d": "distar.worlds.gaussian2d:build_bundle",
     "digits": "distar.worlds.digits.bundle:build_bundle",
-    "sd15": "distar.worlds.stable_diffusion:build_bundle",
-    "sdxl": "distar.worlds.stable_diffusion:build_bundle",
+    "sd15": "distar.worlds.sd.bundle:build_bundle",
+    "sdxl": "distar.worlds.sd.bundle:build_bundle",
 }
+
+# built-in model name -> builder(device, weights_dir | None) -> (bundle, multistep); see distar.loading
+BUILTIN_MODELS: dict[str, str] = {
+    "digits-teacher": "distar.worlds.digits.builtins:teacher",
+    "digits-onestep": "distar.worlds.digits.builtins:onestep",
+}
+
+# how evaluation's `ref:PIPELINE` specs load: source, guidance, device, dtype -> (sampling-only bundle, world)
+REFERENCE_PIPELINES: dict[str, str] = {"diffusers": "distar.worlds.sd.bundle:reference_bundle"}
 
 # reward name -> builder(path: str | None, device) -> nn.Module with forward(images [B,C,H,W] in [0,1], prompts) -> [B]
 REWARDS: dict[str, str] = {

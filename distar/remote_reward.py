@@ -23,10 +23,13 @@ class RewardServiceError(RuntimeError):
     """A reward deployment did not answer after all retries (or is gone)."""
 
 
-def reward_app_name(term_name: str) -> str:
-    from services.reward_service import app_name
+APP_PREFIX = "distar-reward-"
+DEPLOYMENT = "RewardModel"
 
-    return app_name(term_name)
+
+def reward_app_name(term_name: str) -> str:
+    """The Serve application of one reward term (services.reward_service deploys it under this name)."""
+    return f"{APP_PREFIX}{term_name}"
 
 
 @dataclass
@@ -51,10 +54,8 @@ class RemoteRewardClient:
 
     @classmethod
     def from_config(cls, reward_cfg) -> "RemoteRewardClient":
-        """Handles to the running deployments of `reward_cfg.terms` (see distar.ray_train.deploy_rewards)."""
+        """Handles to the running deployments of `reward_cfg.terms` (see services.reward_service.deploy_rewards)."""
         from ray import serve
-
-        from services.reward_service import DEPLOYMENT
 
         handles, weights = {}, {}
         running = serve.status().applications

@@ -14,7 +14,6 @@ the same code as a local checkpoint (distar.model_registry).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -23,22 +22,16 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CONFIG_FILE, GENERATOR_FILE, META_FILE
+from .images import grid, save_grid_png
+from .model_registry import tracking_uri  # noqa: F401 - the URI rule lives with the registry
 
 RUN_NAME_TAG = "distar.run_name"
 MODEL_ARTIFACT = "generator"
 PIP_REQUIREMENTS = ["distar", "torch", "safetensors", "diffusers", "pyyaml", "pydantic"]
 
 
-def tracking_uri(mlflow_cfg=None, cwd: str | Path | None = None) -> str:
-    """The configured URI, else $MLFLOW_TRACKING_URI, else a SQLite file in the working directory (absolute)."""
-    uri = (mlflow_cfg.tracking_uri if mlflow_cfg is not None else None) or os.environ.get("MLFLOW_TRACKING_URI")
-    uri = uri or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str((Path(cwd or os.getcwd()) / uri[len("sqlite:///"):]).resolve())
-    return uri
-
-
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """An MlflowClient for tracking and registry at `uri`."""
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -55,7 +48,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _experiment_id(client, uri: str, name: str) -> str:
+def experiment_id(client, uri: str, name: str) -> str:
+    """The id of experiment `name`, created (artifacts beside a SQLite database) when missing."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -69,8 +63,8 @@ def start_run(uri: str, cfg, config_yaml: str, run_name: str) -> str:
     """Create (or find, for a resumed run) the MLflow run of `run_name`; logs the resolved config once."""
     from mlflow.entities import Param
 
-    client = _client(uri)
-    exp_id = _experiment_id(client, uri, cfg.mlflow.experiment)
+    client = mlflow_client(uri)
+    exp_id = experiment_id(client, uri, cfg.mlflow.experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
@@ -87,14 +81,14 @@ def start_run(uri: str, cfg, config_yaml: str, run_name: str) -> str:
 
 
 def finish_run(uri: str, run_id: str, ok: bool) -> None:
-    _client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+    mlflow_client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
 
 class RunLogger:
     """Metrics and image grids of one run (use on rank 0 only)."""
 
     def __init__(self, uri: str, run_id: str):
-        self.client, self.run_id = _client(uri), run_id
+        self.client, self.run_id = mlflow_client(uri), run_id
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -105,34 +99,13 @@ class RunLogger:
             self.client.log_batch(self.run_id, metrics=ms[i:i + 200])
 
     def images(self, step: int, images: torch.Tensor) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"step_{step:07d}.png"
-            save_grid_png(images, path)
-            self.client.log_artifact(self.run_id, str(path), artifact_path="images")
-
-
-def save_grid_png(images: torch.Tensor, path: Path, scale: int = 4) -> None:
-    """Images [n, C, H, W] in [0, 1] as one grid; 2-D points [n, 2] as a scatter plot."""
-    if images.dim() == 2:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        pts = images.detach().float().cpu()
-        fig, ax = plt.subplots(figsize=(3, 3))
-        ax.scatter(pts[:, 0], pts[:, 1], s=6)
-        ax.set_xlim(-4, 4), ax.set_ylim(-5, 5)
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        return
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=int(len(images) ** 0.5 + 0.999), pad_value=0.25)
-    arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+        """A grid of `images` as MLflow's step-indexed image (the UI shows it per step); 2-D points as a plot."""
+        if images.dim() == 2:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = save_grid_png(images, Path(tmp) / f"step_{step:07d}.png")
+                self.client.log_artifact(self.run_id, str(path), artifact_path="images")
+            return
+        self.client.log_image(self.run_id, grid(images), key="samples", step=int(step))
 
 
 def export_dir(checkpoint_dir: Path, out: Path) -> Path:
@@ -151,7 +124,7 @@ def _python_model():
         """pyfunc: prompts (list or DataFrame column `prompt`) -> images [n, C, H, W] in [0, 1] (numpy)."""
 
         def load_context(self, context):
-            from .worlds.digits.loading import load_model
+            from .loading import load_model
 
             self.model = load_model(context.artifacts["checkpoint"], "cpu")
 
@@ -174,7 +147,7 @@ def register_generator(uri: str, run_id: str, checkpoint_dir: Path, name: str, a
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=_python_model(),
                                            artifacts={"checkpoint": str(art)}, pip_requirements=PIP_REQUIREMENTS)
-    client = _client(uri)
+    client = mlflow_client(uri)
     version = mlflow.register_model(info.model_uri, name, tags={"distar.run_id": run_id})
     client.set_registered_model_alias(name, alias, version.version)
     return {"registered_model": name, "version": str(version.version), "alias": alias,

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from distar.worlds.digits.loading import load_model, seeded_rng
+    from distar.loading import load_model, seeded_rng
 
     torch.set_num_threads(args.threads)
     onestep, reference = load_model(args.model, args.device), load_model(args.reference, args.device)

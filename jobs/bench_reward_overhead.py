@@ -48,16 +48,17 @@ def main(argv=None) -> int:
     import torch
 
     from distar.config import load_config
-    from distar.ray_train import _connect, deploy_rewards
+    from distar.ray_train import connect
     from distar.remote_reward import RemoteRewardClient
     from distar.rewards import LocalRewardClient, build_weighted_reward
     from distar.train_loop import LoopHooks, build_state
     from distar.train_step import train_step
+    from services.reward_service import deploy_rewards
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides + ["reward.backend=serve"])
-    started = _connect()
-    deployed = deploy_rewards(cfg)
+    started = connect()
+    deployed = deploy_rewards(cfg.reward)
     try:
         state = build_state(cfg, torch.device("cpu"), LoopHooks())
         prompts = [state.bundle.training_prompts()[i % 10] for i in range(cfg.train.batch_size)]

@@ -10,16 +10,16 @@ On cuda: frozen nets bf16, bf16 autocast around the step (train.mixed_precision=
 fine-tuning, fp32 masters (+AdamW, fp32 EMA: ~95 GB, H200 only); `--lora-rank R`: frozen bf16 bases + fp32 LoRA
 (fits an H100); default 0 with >= 120 GiB of GPU memory, else 64. Else as configs/sdxl_dmd2.yaml: grad
 checkpointing, batch 2 (halved on CUDA OOM), K_fake 5, CFG 7.5, tau 399, alpha_rew 100. F = UNet forward FLOPs
-per image at the run's resolution (FlopCounterMode on a meta copy: 6.761 TFLOP at 1024 px; ALGORITHM.md 6.76);
-model FLOP/image = 9F + 3F*K_fake (ALGORITHM.md), recompute not counted; VAE decode shown apart.
+per image at the run's resolution (FlopCounterMode on a meta copy: 6.761 TFLOP at 1024 px; docs/algorithm.md 6.76);
+model FLOP/image = 9F + 3F*K_fake (docs/algorithm.md), recompute not counted; VAE decode shown apart.
 
-Here (CPU, tiny configs, meaningless numbers): OMP_NUM_THREADS=1 .venv/bin/python jobs/bench_sdxl_step.py --size tiny
+Here (CPU, tiny configs, meaningless numbers): OMP_NUM_THREADS=1 .venv/bin/python -m jobs.bench_sdxl_step --size tiny
 GPU (later session; its image has torch, peft, transformers, pyyaml, not diffusers/pydantic). Once, here:
   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.39.0 pydantic==2.14.4 \
     pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
 then the device tool's `run` with carry=[".whl"], timeout_s=480 and this command (one line, ~1-2 min per bench):
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit; nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv; python3 jobs/bench_sdxl_step.py --json $OUT/ckpt.json 2>&1 | tee $OUT/ckpt.log; python3 jobs/bench_sdxl_step.py --no-grad-ckpt --batch 1 --json $OUT/nockpt.json 2>&1 | tee $OUT/nockpt.log
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl || exit; export PYTHONUNBUFFERED=1; nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv; python3 -m jobs.bench_sdxl_step --json $OUT/ckpt.json 2>&1 | tee $OUT/ckpt.log; python3 -m jobs.bench_sdxl_step --no-grad-ckpt --batch 1 --json $OUT/nockpt.json 2>&1 | tee $OUT/nockpt.log
 """
 from __future__ import annotations
 
@@ -36,14 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from distar.config import LossConfig  # noqa: E402
 from distar.ema import EMA  # noqa: E402
 from distar.rewards.base import LocalRewardClient, WeightedReward  # noqa: E402
 from distar.train_step import TrainState, build_optimizer, train_step  # noqa: E402
-from distar.worlds.sd_loading import ReferenceParts, add_lora  # noqa: E402
-from distar.worlds.stable_diffusion import SDCond, StableDiffusionBundle  # noqa: E402
+from distar.worlds.sd.loading import ReferenceParts, add_lora  # noqa: E402
+from distar.worlds.sd.bundle import SDCond, StableDiffusionBundle  # noqa: E402
 
 # Non-default fields of stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the rest are diffusers'
 # defaults, equal to the file's values); checked by the parameter count and F below.
@@ -140,7 +138,7 @@ def count_flops(unet_cfg: dict, vae_cfg: dict, res: int, text: tuple, with_vae: 
 
 
 def build(args, unet_cfg, vae_cfg, text, device, frozen_dtype) -> FixedTextBundle:
-    """The bundle as distar.worlds.stable_diffusion.build_bundle assembles it, from random-init modules."""
+    """The bundle as distar.worlds.sd.bundle.build_bundle assembles it, from random-init modules."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -210,6 +208,22 @@ def raw_unet_seconds(bundle, batch: int, reps: int, autocast, device) -> dict[st
     return out
 
 
+def _time_halving_on_oom(step, args, device, opts) -> list[float] | None:
+    """Step times; on CUDA OOM halve args.batch and retry (a one-shot device run must return numbers)."""
+    while True:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            return timed(step, args.steps, args.warmup, device)
+        except torch.cuda.OutOfMemoryError:
+            pass  # tensors held by the traceback are freed once the except block ends
+        _free(*opts)
+        print(f"CUDA OOM at batch {args.batch}" + (": does not fit" if args.batch == 1 else ", halving"), flush=True)
+        if args.batch == 1:
+            return None
+        args.batch //= 2
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -226,7 +240,7 @@ def main(argv=None) -> dict:
     fl = count_flops(unet_cfg, vae_cfg, args.resolution, text, with_vae=not args.no_reward)
     F_ = fl["F"]
     print(f"UNet params {fl['unet_params']:,} (VAE {fl['vae_params']:,}); F = {F_ / 1e12:.4g} TFLOP/image at "
-          f"{args.resolution}px (ALGORITHM.md: 6.76 at 1024); meta fwd+bwd = "
+          f"{args.resolution}px (docs/algorithm.md: 6.76 at 1024); meta fwd+bwd = "
           f"{fl['unet_fwd_bwd'] / F_:.3f}F; VAE decode {fl['vae_decode'] / 1e12:.4g} TFLOP", flush=True)
     if n_expected is not None and abs(fl["unet_params"] - n_expected) > 1e-3 * n_expected:
         raise SystemExit(f"UNet has {fl['unet_params']:,} params, expected {n_expected:,}: config is wrong")
@@ -248,27 +262,16 @@ def main(argv=None) -> dict:
             metrics.update(train_step(state, ["prompt"] * args.batch, loss_cfg, fake_steps=args.fake_steps,
                                       grad_clip=10.0, reward=reward, rng=rng))
 
-    step_s = None
-    while step_s is None:  # on CUDA OOM halve the batch: a one-shot device run must return numbers
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            step_s = timed(step, args.steps, args.warmup, device)
-        except torch.cuda.OutOfMemoryError:
-            pass  # tensors held by the traceback are freed once the except block ends
-        if step_s is None:
-            _free(opt_g, opt_f)
-            print(f"CUDA OOM at batch {args.batch}" + (": does not fit" if args.batch == 1 else ", halving"), flush=True)
-            if args.batch == 1:
-                return {"oom": True, **vars(args)}
-            args.batch //= 2
+    step_s = _time_halving_on_oom(step, args, device, (opt_g, opt_f))
+    if step_s is None:
+        return {"oom": True, **vars(args)}
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     values = {k: float(v) for k, v in metrics.items()}
     _free(opt_g, opt_f)
     raw = raw_unet_seconds(bundle, args.batch, max(2, args.steps), autocast, device)
 
     t_step, k, b = statistics.median(step_s), args.fake_steps, args.batch
-    model = (9 + 3 * k) * F_                               # ALGORITHM.md cost model, per image
+    model = (9 + 3 * k) * F_                               # docs/algorithm.md cost model, per image
     vae = 0.0 if args.no_reward else 2 * fl["vae_decode"]  # decode forward + gradient to its input
     tflops, raw_tflops = model * b / t_step / 1e12, 3 * F_ * b / raw["fwd_bwd"] / 1e12
     r = dict(vars(args), device_name=name, gpu_gib=gpu_gib, F_tflop=F_ / 1e12, unet_params=fl["unet_params"],
@@ -281,7 +284,7 @@ def main(argv=None) -> dict:
           f"{args.grad_ckpt} {args.precision} reward {'off' if args.no_reward else 'conv stand-in'} on {name} ===")
     print(f"step     : {t_step:.4f} s/step (median of {len(step_s)}, min {min(step_s):.4f}) = {b / t_step:.3f} images/s; "
           f"peak memory {peak:.1f} GiB of {gpu_gib:.0f}")
-    print(f"FLOP     : (9+3K)F = {model / 1e12:.4g} TFLOP/image, F = {F_ / 1e12:.4g} (ALGORITHM.md 6.76 at 1024)"
+    print(f"FLOP     : (9+3K)F = {model / 1e12:.4g} TFLOP/image, F = {F_ / 1e12:.4g} (docs/algorithm.md 6.76 at 1024)"
           + (f"; LoRA needs only (8+2K)F = {(8 + 2 * k) * F_ / 1e12:.4g}" if args.lora_rank else "")
           + (f"; VAE decode fwd+grad +{vae / 1e12:.4g}" if vae else ""))
     print(f"achieved : {tflops:.4g} TFLOP/s = {100 * r['frac_peak']:.1f}% of {args.peak_tflops:.0f} peak, "

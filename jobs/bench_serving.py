@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 async def load(url: str, clients: int, max_requests: int, max_seconds: float) -> dict:
@@ -65,7 +64,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    sys.path.insert(0, str(REPO_ROOT))
     import ray
     from ray import serve
 
@@ -76,7 +74,7 @@ def main(argv=None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     rows = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -18,23 +18,23 @@ import sys
 
 
 def results_table(cfg, final_dir: str, seed: int = 1234) -> str:
-    """Markdown: the world's evaluate() of the initial generator and of the trained one, same seed."""
+    """Markdown: the world's evaluate() of the initial generator and of the trained one, same seed (worlds
+    without evaluate(), e.g. SDXL, get no table: the driver then loads no model at all)."""
     import torch
 
     from distar.checkpoint import load_generator_state
+    from distar.tables import markdown_table
     from distar.worlds import build_bundle
 
-    bundle = build_bundle(cfg.model, "cpu")
-    if not hasattr(bundle, "evaluate"):
+    if cfg.model.world not in ("gaussian2d", "digits"):
         return ""
-    rows = {"start (init generator)": bundle.evaluate(bundle.generator.eval(), torch.Generator().manual_seed(seed))}
+    bundle = build_bundle(cfg.model, "cpu")
+    rows = [{"model": "start (init generator)",
+             **bundle.evaluate(bundle.generator.eval(), torch.Generator().manual_seed(seed))}]
     bundle.generator.load_state_dict(load_generator_state(final_dir))
-    rows[f"DI* on Ray ({cfg.ray.run_name or cfg.name}, EMA)"] = bundle.evaluate(
-        bundle.generator.eval(), torch.Generator().manual_seed(seed))
-    cols = list(next(iter(rows.values())))
-    lines = ["| model | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
-    lines += [f"| {name} | " + " | ".join(f"{v[c]:.4g}" for c in cols) + " |" for name, v in rows.items()]
-    return "\n".join(lines)
+    rows.append({"model": f"DI* on Ray ({cfg.ray.run_name or cfg.name}, EMA)",
+                 **bundle.evaluate(bundle.generator.eval(), torch.Generator().manual_seed(seed))})
+    return markdown_table(rows, list(rows[0]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,19 +43,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="YAML file or built-in config name (e.g. digits_ray)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 ray.num_workers=2")
     ap.add_argument("--no-table", action="store_true", help="skip the before/after results table")
+    ap.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity", default=0)
+    ap.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity")
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-    from distar.config import ConfigError, load_config
+    from distar.config import load_config
+    from distar.errors import UserError
+    from distar.logs import setup_logging
     from distar.ray_train import run_on_ray
+    from services.reward_service import deploy_rewards
 
+    setup_logging(args.verbosity)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
+        summary = run_on_ray(cfg, deploy_rewards=deploy_rewards)
+    except UserError as err:
         print(f"jobs.train: error: {err}", file=sys.stderr)
         return 2
-    summary = run_on_ray(cfg)
     print(json.dumps(summary, indent=2, default=str), flush=True)
     if not args.no_table:
         table = results_table(cfg, summary["final_dir"])

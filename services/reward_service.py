@@ -9,21 +9,21 @@ score depends on its own image only, so d sum(scores) / d images is the per-imag
 """
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from ray import serve
 
 from distar.config import RewardConfig, RewardTerm
+from distar.device import pick_device
+from distar.remote_reward import DEPLOYMENT, RemoteRewardClient
+from distar.remote_reward import reward_app_name as app_name
 from distar.rewards import build_reward_model
 from distar.rewards.base import RewardOutput, WeightedReward
 
-APP_PREFIX = "distar-reward-"
-DEPLOYMENT = "RewardModel"
-
-
-def app_name(term_name: str) -> str:
-    return f"{APP_PREFIX}{term_name}"
+log = logging.getLogger("distar.services.reward_service")
 
 
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=16)
@@ -31,9 +31,7 @@ class RewardModel:
     """Scores images [B, C, H, W] in [0, 1] with one unweighted reward model; weights apply in the client."""
 
     def __init__(self, name: str, path: str | None = None, device: str = "auto"):
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = pick_device(device)
         self.reward = WeightedReward([(name, 1.0, build_reward_model(name, path, self.device))])
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
@@ -79,3 +77,43 @@ def reward_app(term: RewardTerm, reward_cfg: RewardConfig, device: str = "auto")
 def build_app(args: dict):
     """Entry for `serve run` / `serve deploy` configs (deploy/rewards.yaml): args = {name, path?, device?}."""
     return RewardModel.bind(args["name"], args.get("path"), args.get("device", "auto"))
+
+
+def deploy_rewards(reward_cfg: RewardConfig) -> list[str]:
+    """The one deploy of the reward apps (training and eval): one Serve application per reward term,
+    reusing any already running; returns the names of those it started."""
+    serve.start(proxy_location="Disabled")
+    running = serve.status().applications
+    started = []
+    for term in reward_cfg.terms:
+        name = app_name(term.name)
+        if name in running and str(running[name].status).endswith("RUNNING"):
+            log.info("reward %r: using the running Serve app %r", term.name, name)
+            continue
+        serve.run(reward_app(term, reward_cfg), name=name, route_prefix=None, logging_config={"log_level": "WARNING"})
+        started.append(name)
+    return started
+
+
+@contextmanager
+def serve_reward_client(rewards: list[tuple[str, str | None]]) -> Iterator[RemoteRewardClient]:
+    """A RewardClient over Serve deployments of `rewards` [(name, path)], each unweighted (evaluation).
+
+    Ray is $RAY_ADDRESS / an initialised session, else a private local cluster; on exit the apps this
+    call started are deleted, and a cluster it started is shut down."""
+    import ray
+
+    from distar.ray_train import connect
+
+    cfg = RewardConfig(terms=tuple(RewardTerm(name=n, path=p) for n, p in rewards), backend="serve")
+    started_ray = connect()
+    started: list[str] = []
+    try:
+        started = deploy_rewards(cfg)
+        yield RemoteRewardClient.from_config(cfg)
+    finally:
+        for name in started:
+            serve.delete(name)
+        if started_ray:
+            serve.shutdown()
+            ray.shutdown()

@@ -3,11 +3,7 @@ math tests never start Ray:  pytest -m "not ray"  runs them alone in seconds."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -24,7 +20,7 @@ def ray_cluster():
         yield ray
         return
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     try:
         yield ray
     finally:

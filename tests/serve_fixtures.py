@@ -17,7 +17,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from distar.serving.api import build_api, health_of  # noqa: E402
 from distar.serving.service import AsyncGenerator, GeneratorService  # noqa: E402
-from distar.worlds.digits import bundle as digits_bundle  # noqa: E402
+from distar.worlds.digits import files as digits_files  # noqa: E402
 
 PROMPT = "a handwritten digit 3"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,16 +25,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @functools.lru_cache(maxsize=1)
 def weights_dir() -> str:
-    if (digits_bundle.SHIPPED_DIR / digits_bundle.FILES["teacher"]).is_file():
-        return str(digits_bundle.SHIPPED_DIR)
+    if (digits_files.SHIPPED_DIR / digits_files.FILES["teacher"]).is_file():
+        return str(digits_files.SHIPPED_DIR)
     import torch
 
     from distar.worlds.digits import models
 
     d = Path(tempfile.mkdtemp(prefix="distar_serve_weights_"))
     torch.manual_seed(0)
-    models.save_weights(models.build_unet(), d / digits_bundle.FILES["teacher"])
-    models.save_weights(models.build_text_encoder(), d / digits_bundle.FILES["text_encoder"])
+    models.save_weights(models.build_unet(), d / digits_files.FILES["teacher"])
+    models.save_weights(models.build_text_encoder(), d / digits_files.FILES["text_encoder"])
     return str(d)
 
 

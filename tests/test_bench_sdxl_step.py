@@ -48,7 +48,7 @@ def test_tiny_lora_bf16_autocast_checkpointing(one_thread, tmp_path):
 
 @pytest.mark.slow
 def test_sdxl_configs_match_the_published_model():
-    """Meta-device count (no memory, no weights): SDXL-base's UNet size and ALGORITHM.md's F at 1024 px."""
+    """Meta-device count (no memory, no weights): SDXL-base's UNet size and docs/algorithm.md's F at 1024 px."""
     fl = count_flops(SDXL_UNET, SDXL_VAE, 1024, (77, 2048, 1280), with_vae=False)
     assert fl["unet_params"] == 2_567_463_684
     assert fl["vae_params"] == 83_653_863

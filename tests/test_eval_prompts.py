@@ -1,6 +1,6 @@
 """`distar eval --prompts`: the Parti path end to end on tiny random-init SD1.5 models and rewards (offline).
 
-A 6-prompt slice of /work/shared/data/PartiPrompts.tsv (read in place), a 2-step CFG reference and a one-step
+A 6-prompt slice of the shipped PartiPrompts (`--prompts parti`), a 2-step CFG reference and a one-step
 checkpoint trained for one step (given twice as METHOD@alpha runs, so the plot is drawn), the four paper
 rewards built tiny on disk. Checked: table files, columns and categories; identical scores from two fresh
 runs; a re-run generates nothing and gives the same scores; one-line errors naming the bad argument.
@@ -25,8 +25,9 @@ except ImportError:
 from distar.cli import main
 from distar.evaluation import models as eval_models
 
-PARTI = Path(os.environ.get("DISTAR_PARTI_TSV", "/work/shared/data/PartiPrompts.tsv"))
-pytestmark = pytest.mark.skipif(not PARTI.is_file(), reason=f"no {PARTI}")
+from distar.prompts import SHIPPED
+
+PARTI = SHIPPED["parti"]
 LIMIT = 6
 COLUMNS = ["model", "steps", "ImageReward", "Aesthetic", "PickScore", "CLIP"]
 
@@ -37,7 +38,7 @@ def fx(tmp_path_factory):
 
 
 def _argv(fx, out):
-    return ["eval", "--prompts", str(PARTI), "--limit", str(LIMIT), "--images-per-prompt", "1", "--steps", "2",
+    return ["eval", "--prompts", "parti", "--limit", str(LIMIT), "--images-per-prompt", "1", "--steps", "2",
             "--seed", "3", "--threads", "1", "--out", str(out),
             "--models", f"SD1.5-tiny=ref@2:{fx['sd15']}", f"DIstar@1={fx['onestep']}", f"DIstar@10={fx['onestep']}",
             "--rewards", *(f"{n}:{fx[n]}" for n in ("image_reward", "aesthetic", "pickscore", "clip_score"))]

@@ -18,7 +18,8 @@ from distar import checkpoint as ckpt
 from distar.config import load_config
 from distar.fsdp import FSDPStateIO, _numel, fsdp_hooks, shard_frozen, shard_units
 from distar.rewards.base import LocalRewardClient, WeightedReward
-from distar.train_loop import LoopHooks, StateIO, build_state
+from distar.checkpoint import StateIO
+from distar.train_loop import LoopHooks, build_state
 from distar.train_step import fake_update, generator_loss, generator_update
 from distar.worlds.gaussian2d import Generator2D, RegionReward
 

@@ -1,4 +1,4 @@
-"""The five gradient identities of ../shared/ALGORITHM.md, on a Gaussian generator x0 = m + s z against a
+"""The five gradient identities of docs/algorithm.md, on a Gaussian generator x0 = m + s z against a
 Gaussian-mixture reference, with the analytic generator score in place of the fake network.
 
 Each autograd gradient is compared with a finite-difference gradient of the quantity it claims to

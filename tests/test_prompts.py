@@ -1,4 +1,4 @@
-"""Prompt files: the shared PartiPrompts TSV and plain text files."""
+"""Prompt files: the shipped PartiPrompts TSV (by name and by path) and plain text files."""
 from pathlib import Path
 
 import pytest
@@ -6,10 +6,11 @@ import pytest
 from distar.config import ConfigError, load_config
 from distar.prompts import load_prompts
 
-PARTI = Path(__file__).resolve().parents[2] / "shared" / "data" / "PartiPrompts.tsv"
+from distar.prompts import SHIPPED
+
+PARTI = SHIPPED["parti"]
 
 
-@pytest.mark.skipif(not PARTI.is_file(), reason="../shared/data/PartiPrompts.tsv not present beside the checkout")
 def test_parti_tsv_has_1632_prompts_with_categories():
     prompts = load_prompts(PARTI)
     assert len(prompts) == 1632

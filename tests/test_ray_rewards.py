@@ -17,11 +17,11 @@ TERMS = (RewardTerm(name="digits_alignment", weight=1.0), RewardTerm(name="digit
 
 @pytest.fixture(scope="module")
 def deployed(ray_cluster):
-    from distar.ray_train import deploy_rewards
+    from services.reward_service import deploy_rewards
     from distar.config import load_config
 
     cfg = load_config("digits_ray")
-    started = deploy_rewards(cfg)
+    started = deploy_rewards(cfg.reward)
     yield cfg.reward
     from ray import serve
 

@@ -1,8 +1,11 @@
 """DI* on Ray Train: a 2-worker DDP run (rewards on Serve, MLflow on) that trains and checkpoints; resume
-after an injected worker failure and on a re-run with the same run name. Uses the 2-D world (seconds/step)."""
+after a worker killed from outside (SIGKILL) and on a re-run with the same run name. Uses the 2-D world (seconds/step)."""
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +31,9 @@ def ddp_run(ray_cluster, tmp_path_factory):
     cfg = _cfg(tmp, "ddp", "loss.alpha_rew=0.2", "reward.terms=[{name: region}]", "reward.backend=serve",
                "mlflow.enabled=true", f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
                "mlflow.registered_model=g2d-test", "mlflow.alias=champion", "train.sample_every=30")
-    return tmp, cfg, run_on_ray(cfg)
+    from services.reward_service import deploy_rewards
+
+    return tmp, cfg, run_on_ray(cfg, deploy_rewards=deploy_rewards)
 
 
 def test_two_worker_ddp_reduces_loss_and_checkpoints(ddp_run):
@@ -75,14 +80,41 @@ def test_mlflow_run_metrics_and_registered_version(ddp_run):
     assert not (local / "train_state.pt").exists()
 
 
-def test_resume_after_injected_worker_failure_and_rerun(ray_cluster, tmp_path):
+def _kill_a_train_worker_after(checkpoint: Path, delay_s: float, timeout_s: float = 120.0) -> dict:
+    """From outside the code, as an operator would: once `checkpoint` exists on storage and `delay_s` more
+    have passed (so Ray's controller has registered it), SIGKILL one Ray Train worker process."""
+    import signal
+
+    import psutil
+
+    seen: dict = {}
+    t0 = time.monotonic()
+    while not checkpoint.is_dir() and time.monotonic() - t0 < timeout_s:
+        time.sleep(0.05)
+    time.sleep(delay_s)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any("RayTrainWorker" in part for part in (proc.info["cmdline"] or [])):
+            os.kill(proc.info["pid"], signal.SIGKILL)
+            seen["killed"] = proc.info["pid"]
+            break
+    return seen
+
+
+def test_resume_after_a_killed_worker_and_rerun(ray_cluster, tmp_path):
     from distar.ray_train import run_on_ray
 
-    marker = tmp_path / "killed"
-    cfg = _cfg(tmp_path, "flaky", "ray.max_failures=1", "train.steps=45", "train.checkpoint_every=15")
-    summary = run_on_ray(cfg, _fault={"rank": 1, "after_step": 15, "marker": str(marker)})
-    assert marker.read_text() == "15"                               # rank 1 died after the step-15 checkpoint
-    assert summary["step"] == 45 and summary["resumed_from_step"] == 15
+    cfg = _cfg(tmp_path, "flaky", "ray.max_failures=1", "train.steps=240", "train.checkpoint_every=15",
+               "train.log_every=15")
+    killed: dict = {}
+    killer = threading.Thread(target=lambda: killed.update(_kill_a_train_worker_after(
+        tmp_path / "flaky" / "checkpoints" / "step_0000015", delay_s=3.0)))
+    killer.start()
+    summary = run_on_ray(cfg)
+    killer.join()
+    assert killed.get("killed"), "no Ray Train worker was found to kill"
+    # restarted from a checkpoint written after the first one, not from scratch, and finished all steps
+    assert summary["step"] == 240 and summary["resumed_from_step"] >= 15, summary
+    assert summary["resumed_from_step"] % 15 == 0
     # a re-run with the same run name resumes from the newest checkpoint Ray kept, and trains on
-    summary = run_on_ray(_cfg(tmp_path, "flaky", "train.steps=60", "train.checkpoint_every=15"))
-    assert summary["step"] == 60 and summary["resumed_from_step"] == 45
+    summary = run_on_ray(_cfg(tmp_path, "flaky", "train.steps=255", "train.checkpoint_every=15"))
+    assert summary["step"] == 255 and summary["resumed_from_step"] == 240

@@ -1,4 +1,4 @@
-"""The cluster configs for SDXL (DMD2 init) and SD1.5 validate and carry the settings ALGORITHM.md reports."""
+"""The cluster configs for SDXL (DMD2 init) and SD1.5 validate and carry the settings docs/algorithm.md reports."""
 from __future__ import annotations
 
 import pytest

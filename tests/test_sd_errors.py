@@ -15,7 +15,7 @@ except ImportError:
     import tiny_sd
 build, pipeline_dirs = tiny_sd.build, tiny_sd.pipeline_dirs  # pipeline_dirs: a fixture
 
-from distar.worlds.sd_loading import SDLoadError
+from distar.worlds.sd.loading import SDLoadError
 
 
 def test_wrong_reference_path(tmp_path):

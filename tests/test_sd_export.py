@@ -17,7 +17,7 @@ build, pipeline_dirs = tiny_sd.build, tiny_sd.pipeline_dirs  # pipeline_dirs: a 
 
 from distar.config import LossConfig
 from distar.ema import EMA
-from distar.export_diffusers import export_one_step_pipeline
+from distar.worlds.sd.export import export_one_step_pipeline
 from distar.train_step import TrainState, build_optimizer, train_step
 
 
@@ -55,6 +55,6 @@ def test_export_round_trip_same_image(pipeline_dirs, tmp_path, world, lora):
 
 
 def tiny_sd_merged(b):
-    from distar.worlds.sd_loading import merged_unet
+    from distar.worlds.sd.loading import merged_unet
 
     return merged_unet(b.generator).state_dict()

@@ -8,10 +8,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from distar.cli import main
-from distar.serving.png import decode_png
+from distar.images import decode_png
 from distar.serving.schemas import MAX_BODY_BYTES
 from distar.serving.service import Job
-from distar.worlds.digits import bundle as digits_bundle
+from distar.worlds.digits import files as digits_files
 
 from .serve_fixtures import PROMPT, make_app, service, weights_dir
 
@@ -27,7 +27,7 @@ def shipped_weights(monkeypatch):
     """`distar generate` reads the shipped weights dir: point it at the one the service loaded."""
     from pathlib import Path
 
-    monkeypatch.setattr(digits_bundle, "SHIPPED_DIR", Path(weights_dir()))
+    monkeypatch.setattr(digits_files, "SHIPPED_DIR", Path(weights_dir()))
 
 
 def _cli_pngs(tmp_path, model: str, prompt: str, n: int, seed: int) -> list[bytes]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from distar.serving.png import decode_png
+from distar.images import decode_png
 from distar.serving.service import Job
 
 from .serve_fixtures import LiveServer, make_app, service

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from distar.serving.config import GeneratorAppConfig
-from distar.serving.png import decode_png
+from distar.images import decode_png
 from distar.serving.service import Job
 
 from .serve_fixtures import PROMPT, service, weights_dir

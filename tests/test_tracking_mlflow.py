@@ -42,7 +42,9 @@ def test_run_params_metrics_images_and_alias(registered):
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["model.world"] == "digits"
     assert run.data.metrics == {"gen/loss": 1.5, "reward/total": 0.25}
-    assert [a.path for a in c.list_artifacts(run_id, "images")] == ["images/step_0000005.png"]
+    # MLflow's step-indexed image API: the UI shows the grid at step 5 (key "samples")
+    pngs = [a.path for a in c.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert len(pngs) == 1 and pngs[0].startswith("images/samples+step+5+"), pngs
     assert info["model_uri"] == "models:/distar-digits@champion"
     assert str(c.get_model_version_by_alias("distar-digits", "champion").version) == info["version"] == "1"
     # same run name again = the same MLflow run (a resumed training run), params not re-logged

@@ -1,10 +1,14 @@
-"""`distar eval`: one results table (markdown + JSON) over several models of the digits world.
+"""`distar eval`: one results table (markdown + JSON) over several models.
+
+Without --prompts it is the digits world's table (the digits world's judges: the command layer may name a
+world; the library's evaluation code does not):
 
     distar eval --models "reference 50-step CFG=digits-teacher" digits-onestep runs/di_star_a10 --out results/
 Columns: proxy rewards, gold boldness, judge accuracy, Frechet distance (judge features vs held-out real
 digits), per-class diversity, milliseconds per image. Every model gets the same prompts and seeds.
 
-With --prompts FILE (PartiPrompts TSV or one prompt per line) it runs the general path instead
+With --prompts FILE|parti (PartiPrompts TSV, one prompt per line, or `parti`: the shipped PartiPrompts) it
+runs the general path instead
 (distar.evaluation): multi-step references (ref[@N]:PIPELINE) and one-step models, scored by --rewards.
 """
 from __future__ import annotations
@@ -26,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="directory for results.md and results.json")
     p.add_argument("--threads", type=int, default=2)
     g = p.add_argument_group("prompt-file evaluation (distar.evaluation; selected by --prompts)")
-    g.add_argument("--prompts", default=None, help="PartiPrompts .tsv (Prompt, Category) or one prompt per line")
+    g.add_argument("--prompts", default=None, help="parti (the shipped PartiPrompts), a .tsv with a Prompt column, or one prompt per line")
     g.add_argument("--limit", type=int, default=None, help="first N prompts only")
     g.add_argument("--images-per-prompt", type=int, default=1)
     g.add_argument("--rewards", nargs="*", default=[], help="name[:path] ... (image_reward, aesthetic, pickscore, "
@@ -44,30 +48,46 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..cli import UserError
-    from ..worlds.digits.evaluation import Judges, evaluate_sampler, markdown_table, real_row
-    from ..worlds.digits.loading import ModelSpecError, load_model
-    from .generate import _check_out
+    from .paths import writable_dir
 
+    out = writable_dir(args.out)
+    torch.set_num_threads(args.threads)
     if args.prompts is not None:
-        from ..evaluation.run import evaluate_prompts
+        return _run_prompts(args, out)
+    return _run_digits(args, out)
 
-        _check_out(Path(args.out))
-        torch.set_num_threads(args.threads)
-        evaluate_prompts(args)
-        return 0
+
+def _run_prompts(args: argparse.Namespace, out: Path) -> int:
+    from functools import partial
+
+    from ..evaluation.run import PromptEval, evaluate_prompts
+    from ..evaluation.scoring import local_reward_client
+
+    if args.rewards_backend == "serve":
+        from services.reward_service import serve_reward_client as open_client
+    else:
+        open_client = partial(local_reward_client, device=args.device)
+    opts = PromptEval(prompts=args.prompts, models=args.models, out=out, rewards=args.rewards or [],
+                      limit=args.limit, images_per_prompt=args.images_per_prompt, steps=args.steps,
+                      guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                      dtype=args.dtype, rewards_backend=args.rewards_backend, mlflow=args.mlflow,
+                      mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment)
+    evaluate_prompts(opts, open_client)
+    return 0
+
+
+def _run_digits(args: argparse.Namespace, out: Path) -> int:
+    """The digits world's own table (judges, gold boldness, Frechet in judge features)."""
+    from ..errors import UserError
+    from ..loading import load_model
+    from ..worlds.digits.judges import Judges, evaluate_sampler, markdown_table, real_row
+
     if args.n_per_class <= 0:
         raise UserError(f"--n-per-class must be >= 1, got {args.n_per_class}")
     if args.steps <= 0:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    out = Path(args.out)
-    _check_out(out)
-    torch.set_num_threads(args.threads)
     specs = [m.split("=", 1) if "=" in m else [m, m] for m in args.models]
-    try:
-        loaded = [(label, load_model(spec)) for label, spec in specs]  # fail on a bad spec before any sampling
-    except ModelSpecError as err:
-        raise UserError(str(err)) from None
+    loaded = [(label, load_model(spec)) for label, spec in specs]  # fail on a bad spec before any sampling
     judges = Judges.load()
     rows = [real_row(judges)] if args.real else []
     for label, model in loaded:

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -19,20 +17,11 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def _check_out(out: Path) -> None:
-    from ..cli import UserError
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--out {str(out)!r}: cannot create the directory ({err.strerror or err})") from None
-    if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"--out {str(out)!r}: directory is not writable")
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
-    from ..worlds.digits.loading import ModelSpecError, load_model, save_images, seeded_rng
+    from ..errors import UserError
+    from ..images import save_images
+    from ..loading import load_model, seeded_rng
+    from .paths import writable_dir
 
     if args.n <= 0:
         raise UserError(f"--n must be a positive number of images, got {args.n}")
@@ -40,15 +29,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.guidance is not None and args.guidance < 0:
         raise UserError(f"--guidance must be >= 0, got {args.guidance}")
-    out = Path(args.out)
-    _check_out(out)
-    try:
-        model = load_model(args.model, args.device)
-        t0 = time.perf_counter()
-        images = model.sample([args.prompt] * args.n, seeded_rng(args.seed),
-                              steps=args.steps, guidance=args.guidance)
-    except ModelSpecError as err:
-        raise UserError(str(err)) from None
+    out = writable_dir(args.out)
+    model = load_model(args.model, args.device)  # a bad spec raises ModelSpecError (a UserError)
+    t0 = time.perf_counter()
+    images = model.sample([args.prompt] * args.n, seeded_rng(args.seed), steps=args.steps, guidance=args.guidance)
     secs = time.perf_counter() - t0
     save_images(images, out)
     print(f"wrote {args.n} images and grid.png to {out} ({1000 * secs / args.n:.1f} ms/image, model {model.name})")

@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parents[2]  # holds services/ (not part of the installed package)
 FLAGS = {"torch_threads": "--threads", "batch_wait_timeout_s": "--batch-wait-ms", "num_replicas": "--replicas",
          "num_cpus": "--replica-cpus", "num_gpus": "--gpus"}  # config field -> flag, where the names differ
 
@@ -36,26 +32,16 @@ def add_parser(sub) -> None:
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
 
 
-def check_model_spec(flag: str, spec: str) -> None:
-    """Refuse an obviously unloadable spec here, before a Ray cluster starts (replicas would only log it)."""
-    from ..cli import UserError
-    from ..worlds.digits.loading import BUILTIN
-
-    if spec in BUILTIN or spec.startswith("models:/") or Path(spec).is_dir():
-        return
-    raise UserError(f"{flag} {spec!r}: not a built-in model ({', '.join(BUILTIN)}), "
-                    f"not a checkpoint directory, not a models:/ URI")
-
-
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from ..cli import UserError
+    from ..errors import UserError
+    from ..loading import check_model_spec
     from ..serving.config import GeneratorAppConfig
 
-    check_model_spec("--model", args.model)
+    check_model_spec("--model ", args.model)  # before a Ray cluster starts (replicas would only log it)
     if args.reference:
-        check_model_spec("--reference", args.reference)
+        check_model_spec("--reference ", args.reference)
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     try:
@@ -69,16 +55,14 @@ def run(args: argparse.Namespace) -> int:
         field = str(e["loc"][0]) if e["loc"] else ""
         raise UserError(f"{FLAGS.get(field, '--' + field.replace('_', '-'))}: {e['msg']}") from None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.append(str(REPO_ROOT))
+    import logging
+
     import ray
     from ray import serve
 
     from services.generator_app import build_app
 
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(cfg), name="generator", route_prefix="/")

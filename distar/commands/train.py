@@ -22,9 +22,11 @@ def run(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
     if cfg.ray.num_workers > 0 or cfg.reward.backend == "serve" or cfg.mlflow.enabled:
+        from services.reward_service import deploy_rewards
+
         from ..ray_train import run_on_ray  # Ray only at the edge
 
-        summary = run_on_ray(cfg)
+        summary = run_on_ray(cfg, deploy_rewards=deploy_rewards)
     else:
         from ..train_loop import run_training
 

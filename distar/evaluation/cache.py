@@ -13,19 +13,14 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import UserError
+from ..images import read_png, save_png
 
 
 def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._@=+-]+", "_", label).strip("_") or "model"
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[n, C, H, W] in [0, 1] -> [n, H, W, C] uint8."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class GenerationCache:
@@ -59,10 +54,8 @@ class GenerationCache:
 
     def put(self, i: int, prompt: str, images: torch.Tensor, seconds: float) -> None:
         """Images [n_images, C, H, W] of prompt i and the generation seconds they took."""
-        from PIL import Image
-
-        for j, a in enumerate(to_uint8(images)):
-            Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(self.path(i, j))
+        for j, im in enumerate(images):
+            save_png(im, self.path(i, j))
         self.meta["prompts"][str(i)] = prompt
         self.meta["seconds"][str(i)] = seconds
 
@@ -73,11 +66,7 @@ class GenerationCache:
 
     def load(self, i: int, j: int) -> torch.Tensor:
         """[C, H, W] float in [0, 1]."""
-        from PIL import Image
-
-        a = np.asarray(Image.open(self.path(i, j)))
-        a = a[..., None] if a.ndim == 2 else a
-        return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255
+        return read_png(self.path(i, j))
 
     def seconds_per_image(self, indices: list[int], n_images: int) -> float:
         secs = [self.meta["seconds"][str(i)] for i in indices if str(i) in self.meta["seconds"]]

@@ -12,7 +12,6 @@ the batch it was generated in, nor on which prompts a resumed run still had to g
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,10 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserError
+from ..loading import ModelSpecError, check_model_spec, load_model
+from ..registry import REFERENCE_PIPELINES, resolve
 
-_REF = re.compile(r"^ref(?:@(\d+))?:(.+)$")
+REF_SPEC = re.compile(r"^ref(?:@(\d+))?:(.+)$")
 
 
 def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
@@ -50,54 +51,35 @@ class EvalModel:
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
         """Images [n, C, H, W] in [0, 1]; row k conditioned on prompts[k] with noise from seeds[k]."""
         z = self.noise(seeds)
-        if self.multistep and self.world in ("sd15", "sdxl"):
-            from ..worlds.sd_sampling import sample_reference
-
-            return sample_reference(self.bundle, prompts, z, steps=self.steps, guidance=self.guidance)
-        if self.multistep:  # digits teacher: its own sampler draws the noise from one generator
-            return torch.cat([self.bundle.sample_reference([p], torch.Generator().manual_seed(s), steps=self.steps,
-                                                           guidance=self.guidance) for p, s in zip(prompts, seeds)])
+        if self.multistep:
+            return self.bundle.sample_reference(list(prompts), z, steps=self.steps, guidance=self.guidance)
         b = self.bundle
         return b.decode(b.generate(self.net, z, b.encode_prompts(list(prompts))))
 
 
-def _world_of_pipeline(source: str) -> str:
-    idx = Path(source) / "model_index.json"
-    if idx.is_file():
-        return "sdxl" if "XL" in json.loads(idx.read_text()).get("_class_name", "") else "sd15"
-    if Path(source).exists():
-        raise UserError(f"--models 'ref:{source}': not a diffusers pipeline directory (no model_index.json)")
-    return "sdxl" if "xl" in source.lower() else "sd15"
-
-
-def _load_reference(label: str, source: str, steps: int, guidance: float | None, device: str, dtype: str) -> EvalModel:
-    from ..worlds.sd_loading import DTYPES, SDLoadError, load_reference
-    from ..worlds.stable_diffusion import StableDiffusionBundle
-
-    world = _world_of_pipeline(source)
+def check_eval_spec(label: str, spec: str) -> None:
+    """Cheap checks of one --models entry before anything is loaded or generated."""
+    if REF_SPEC.match(spec):
+        return
     try:
-        parts = load_reference(world, source, DTYPES[dtype])
-    except (SDLoadError, OSError, ValueError) as err:
-        raise UserError(f"--models {label}=ref:{source}: {str(err).splitlines()[0]}") from None
-    for m in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
-        if m is not None:
-            m.requires_grad_(False).eval().to(device)
-    vsf = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    # no generator / fake copies: the reference UNet stands in for both (they are never called here)
-    bundle = StableDiffusionBundle(world, parts, parts.unet, parts.unet, 7.5 if guidance is None else guidance,
-                                   399, parts.unet.config.sample_size * vsf, device)
-    return EvalModel(label, f"ref:{source}", bundle, True, steps, bundle.guidance_scale, world=world,
-                     settings={"steps": steps, "guidance": bundle.guidance_scale, "sampler": "ddim", "dtype": dtype})
+        check_model_spec(f"--models {label}=", spec)
+    except ModelSpecError as err:
+        raise UserError(f"{err} (multi-step references: ref[@N]:PIPELINE)") from None
 
 
 def load_eval_model(label: str, spec: str, steps: int, guidance: float | None, device: str = "cpu",
                     dtype: str = "float32") -> EvalModel:
     """Resolve one --models entry; a bad spec raises UserError naming --models."""
-    from ..worlds.digits.loading import ModelSpecError, load_model
-
-    m = _REF.match(spec)
+    m = REF_SPEC.match(spec)
     if m:
-        return _load_reference(label, m.group(2), int(m.group(1) or steps), guidance, device, dtype)
+        source, n_steps = m.group(2), int(m.group(1) or steps)
+        try:
+            bundle, world = resolve(REFERENCE_PIPELINES, "diffusers", "reference loader")(source, guidance, device, dtype)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--models {label}=ref:{source}: {str(err).splitlines()[0]}") from None
+        return EvalModel(label, spec, bundle, True, n_steps, bundle.guidance_scale, world=world,
+                         settings={"steps": n_steps, "guidance": bundle.guidance_scale, "sampler": "ddim",
+                                   "dtype": dtype})
     try:
         lm = load_model(spec, device)
     except (ModelSpecError, FileNotFoundError) as err:

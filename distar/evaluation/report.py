@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..frechet import frechet_distance  # noqa: F401 - re-exported for the eval pipeline
+from ..tables import markdown_table
+
 _METHOD_ALPHA = re.compile(r"^(.+)@([-+0-9.eE]+)$")
 
 
@@ -25,34 +28,6 @@ def pooled_features(images: torch.Tensor, side: int = 4) -> torch.Tensor:
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return torch.nn.functional.adaptive_avg_pool2d(x, side).flatten(1)
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor, ridge: float = 1e-6) -> float:
-    """Frechet distance between Gaussians fitted to a [N, D] and b [M, D] (ridge keeps small-N covariances PSD)."""
-    from scipy import linalg
-
-    a, b = a.double().numpy(), b.double().numpy()
-    cov = lambda x: (np.cov(x, rowvar=False) if x.shape[0] > 1 else np.zeros((x.shape[1],) * 2)) + ridge * np.eye(x.shape[1])  # noqa: E731
-    s1, s2 = cov(a), cov(b)
-    covmean = linalg.sqrtm(s1 @ s2).real
-    fd = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
-    return max(float(fd), 0.0)  # rounding makes identical sets give -1e-13
-
-
-def _fmt(v) -> str:
-    if isinstance(v, str):
-        return v
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, int):
-        return str(v)
-    return f"{v:.4g}"
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def category_tables(per_category: dict[str, dict[str, dict[str, float]]], metrics: list[str],
@@ -111,21 +86,3 @@ def reward_divergence_plot(rows: list[dict], metrics: list[str], x_key: str, pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def grid(images: list[torch.Tensor], cols: int, min_side: int = 64):
-    """PIL grid of images [C, H, W] in [0, 1] (1-px grey borders), upscaled (nearest) to >= min_side px cells."""
-    from PIL import Image
-
-    from .cache import to_uint8
-
-    arr = to_uint8(torch.stack(images))
-    n, h, w, c = arr.shape
-    rows = math.ceil(n / cols)
-    g = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 64, dtype=np.uint8)
-    for i, im in enumerate(arr):
-        r, q = divmod(i, cols)
-        g[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = im
-    img = Image.fromarray(g[..., 0] if c == 1 else g)
-    s = max(1, math.ceil(min_side / h))
-    return img.resize((img.width * s, img.height * s), Image.NEAREST)

@@ -1,4 +1,4 @@
-"""Scoring cached images with reward models, in process or through the Ray Serve reward deployments.
+"""Scoring cached images with reward models (in process here; through Ray Serve via services/).
 
     --rewards image_reward:/w/ImageReward aesthetic:/w/aesthetic pickscore clip_score:/w/clip
 
@@ -35,54 +35,18 @@ def parse_rewards(items: Sequence[str]) -> list[tuple[str, str | None]]:
     return sorted(out, key=lambda t: order.index(t[0]) if t[0] in order else len(order))
 
 
-def reward_config(rewards: list[tuple[str, str | None]]):
-    from ..config import RewardConfig, RewardTerm
-
-    return RewardConfig(terms=tuple(RewardTerm(name=n, path=p) for n, p in rewards), backend="serve")
-
-
 @contextmanager
-def reward_client(rewards: list[tuple[str, str | None]], backend: str, device: str = "cpu") -> Iterator:
-    """A RewardClient over the rewards: `local` builds them here, `serve` uses (or starts) Serve apps.
+def local_reward_client(rewards: list[tuple[str, str | None]], device: str = "cpu") -> Iterator:
+    """A RewardClient that builds the rewards here (the Serve counterpart is
+    services.reward_service.serve_reward_client, which the command layer picks)."""
+    from ..rewards import build_reward_model
+    from ..rewards.base import LocalRewardClient, WeightedReward
 
-    With `serve`, Ray is $RAY_ADDRESS / an initialised session, else a private local cluster that is shut
-    down (with the apps this call started) on exit."""
-    if backend == "local":
-        from ..rewards import build_reward_model
-        from ..rewards.base import LocalRewardClient, WeightedReward
-
-        try:
-            models = [(n, 1.0, build_reward_model(n, p, device)) for n, p in rewards]
-        except (ValueError, FileNotFoundError, OSError) as err:
-            raise UserError(f"--rewards: {str(err).splitlines()[0]}") from None
-        yield LocalRewardClient(WeightedReward(models).to(device))
-        return
-    import ray
-    from ray import serve
-
-    from ..ray_train import _connect
-    from ..remote_reward import RemoteRewardClient
-
-    cfg = reward_config(rewards)
-    started_ray = _connect()
-    from services.reward_service import app_name, reward_app
-
-    started: list[str] = []
     try:
-        serve.start(proxy_location="Disabled")
-        running = serve.status().applications
-        for term in cfg.terms:
-            if app_name(term.name) not in running:
-                serve.run(reward_app(term, cfg), name=app_name(term.name), route_prefix=None,
-                          logging_config={"log_level": "WARNING"})
-                started.append(app_name(term.name))
-        yield RemoteRewardClient.from_config(cfg)
-    finally:
-        for name in started:
-            serve.delete(name)
-        if started_ray:
-            serve.shutdown()
-            ray.shutdown()
+        models = [(n, 1.0, build_reward_model(n, p, device)) for n, p in rewards]
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise UserError(f"--rewards: {str(err).splitlines()[0]}") from None
+    yield LocalRewardClient(WeightedReward(models).to(device))
 
 
 def score_images(client, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:

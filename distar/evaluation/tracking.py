@@ -11,11 +11,11 @@ def _key(s: str) -> str:
 
 
 def log_eval(uri: str | None, experiment: str, result: dict, out: Path) -> str:
-    from ..tracking import _client, _experiment_id, tracking_uri
+    from ..tracking import experiment_id, mlflow_client, tracking_uri
 
     uri = uri or tracking_uri()
-    client = _client(uri)
-    run = client.create_run(_experiment_id(client, uri, experiment), run_name=f"eval-{Path(out).name}")
+    client = mlflow_client(uri)
+    run = client.create_run(experiment_id(client, uri, experiment), run_name=f"eval-{Path(out).name}")
     rid = run.info.run_id
     for k in ("prompts", "n_prompts", "images_per_prompt", "seed", "rewards_backend", "reference"):
         client.log_param(rid, k, str(result[k]))

@@ -1,7 +1,7 @@
 """LAION aesthetic predictor: an MLP head on normalised CLIP ViT-L/14 image embeddings, differentiable.
 
 This is christophschuhmann/improved-aesthetic-predictor (`sac+logos+ava1-l14-linearMSE.pth`), the
-"Aesthetic" column of ../shared/ALGORITHM.md. `path` selects the weights:
+"Aesthetic" column of docs/algorithm.md. `path` selects the weights:
     a file (.pth/.pt/.safetensors)   the head's state dict (keys layers.{0,2,4,6,7}.{weight,bias}); the CLIP
                                      backbone is open_clip "ViT-L-14:openai" (open_clip's cache or download)
     a directory                      holding the head as aesthetic_head.pth / .safetensors or

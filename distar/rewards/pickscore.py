@@ -1,7 +1,7 @@
 """PickScore (Kirstain et al. 2023): a CLIP ViT-H/14 fine-tuned on Pick-a-Pic, differentiable in the image.
 
 Score, as PickScore's reference code computes it: logit_scale.exp() * cos(image embedding, text embedding)
-per image (about 18..24; the tables in ../shared/ALGORITHM.md report it divided by 100). The model is
+per image (about 18..24; the tables in docs/algorithm.md report it divided by 100). The model is
 transformers' CLIPModel; preprocessing (resize shortest side, center crop, normalise) runs in torch.
 `path` selects the weights:
     None           model yuvalkirstain/PickScore_v1, tokenizer/processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K

@@ -15,7 +15,9 @@ from typing import Sequence
 
 import torch
 
-from .png import encode_png, to_uint8
+from ..device import pick_device
+from ..images import encode_png, to_uint8
+from ..loading import load_model, seeded_rng
 
 
 @dataclass(frozen=True)
@@ -31,22 +33,14 @@ class Job:
         return cls(tuple(req.prompt), req.count, seed)
 
 
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 class GeneratorService:
     """The served model (fixed at construction; clients never name one) and its optional reference."""
 
     def __init__(self, model: str, device: str = "cpu", reference: str | None = None,
                  weights_dir: str | None = None, torch_threads: int | None = None):
-        from ..worlds.digits.loading import load_model
-
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.device = pick_device(device)
+        self.device = str(pick_device(device))
         self.model = load_model(model, self.device, weights_dir)
         self.reference_model = load_model(reference, self.device, weights_dir) if reference else None
         z = self.model.bundle.sample_noise(1, torch.Generator().manual_seed(0))
@@ -63,8 +57,6 @@ class GeneratorService:
     # ------------------------------------------------------------------ images in [0, 1]
     def images(self, jobs: Sequence[Job]) -> list[torch.Tensor]:
         """One tensor [len(prompts) * count, C, H, W] per job (prompt-major), in one batched pass."""
-        from ..worlds.digits.loading import seeded_rng
-
         if self.model.multistep:  # a multi-step model cannot share noise across requests; sample one by one
             return [self._sample_each(self.model, job) for job in jobs]
         prompts, noise = [], []
@@ -82,8 +74,6 @@ class GeneratorService:
 
     @staticmethod
     def _sample_each(model, job: Job) -> torch.Tensor:
-        from ..worlds.digits.loading import seeded_rng
-
         return torch.cat([model.sample([p] * job.count, seeded_rng(job.seed)) for p in job.prompts])
 
     # ------------------------------------------------------------------ PNG bytes

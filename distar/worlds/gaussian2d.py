@@ -169,7 +169,7 @@ class Gaussian2DBundle:
     def training_prompts(self) -> list[str]:
         return [f"class {k}" for k in range(NUM_CLASSES)]
 
-    def sample_reference(self, cls: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def reference_samples(self, cls: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Exact samples of the (unguided) reference class-conditional mixture."""
         side = torch.randint(0, 2, (len(cls),), generator=generator)
         noise = torch.randn(len(cls), 2, generator=generator)
@@ -182,7 +182,7 @@ class Gaussian2DBundle:
         for k in range(NUM_CLASSES):
             cls = torch.full((n_per_class,), k, dtype=torch.long, device=self.device)
             x = net(self.sample_noise(n_per_class, rng), cls).float()
-            y = self.sample_reference(cls, rng).float()
+            y = self.reference_samples(cls, rng).float()
             eds.append(energy_distance(x, y))
             d = torch.cdist(x, self.means[k].float())                       # [n, 2]
             near = d.argmin(dim=1)

@@ -16,7 +16,6 @@ input distribution; noising the mean image m puts the generator's input where th
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,12 +26,9 @@ from torch import nn
 from ... import diffusion
 from ...schedules import sd_alphas_cumprod
 from . import data, models, text
+from .files import FILES, read_manifest, weights_dir
 
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "weights" / "digits"
 DEFAULT_TAU = 499
-FILES = {"teacher": "teacher_unet.safetensors", "text_encoder": "text_encoder.safetensors",
-         "onestep": "onestep_generator.safetensors", "alignment": "alignment_reward.safetensors",
-         "boldness": "boldness_reward.safetensors", "judge": "judge_classifier.safetensors"}
 
 
 @dataclass
@@ -40,19 +36,6 @@ class DigitsCond:
     hidden: torch.Tensor       # [B, L, D] text-encoder states of the prompts
     null: torch.Tensor         # [B, L, D] states of the empty prompt (for CFG)
     prompts: list[str]
-
-
-def weights_dir(path: str | Path | None = None) -> Path:
-    d = Path(path) if path is not None else SHIPPED_DIR
-    if not (d / FILES["teacher"]).is_file():
-        raise FileNotFoundError(f"digits weights_dir {str(d)!r}: no {FILES['teacher']} (rebuild with "
-                                f"`python -m distar.worlds.digits.build_weights --out {d}`)")
-    return d
-
-
-def read_manifest(d: Path) -> dict:
-    p = d / "manifest.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
 
 
 def resolve_generator_file(path: str | Path) -> Path:
@@ -139,16 +122,17 @@ class DigitsBundle:
     @torch.no_grad()
     def evaluate(self, net: nn.Module, rng: torch.Generator) -> dict[str, float]:
         """Judge metrics of generator `net` on 20 samples per class (the judges never enter training)."""
-        from .evaluation import Judges
+        from .judges import Judges
 
         prompts = [p for p in text.eval_prompts() for _ in range(20)]
         images = self.sample_grid(net, prompts, rng)
         return Judges.load(self.dir, self.device).metrics(images, prompts)
 
     @torch.no_grad()
-    def sample_reference(self, prompts: Sequence[str], rng: torch.Generator, steps: int = 50,
+    def sample_reference(self, prompts: Sequence[str], z: torch.Tensor, steps: int = 50,
                          guidance: float | None = None) -> torch.Tensor:
-        """The teacher's multi-step samples (diffusers DDIM, eta 0), images [n, 1, 16, 16] in [0, 1]."""
+        """The teacher's multi-step samples (diffusers DDIM, eta 0) from noise z [n, 1, 16, 16]
+        (`sample_noise`), images [n, 1, 16, 16] in [0, 1]."""
         from diffusers import DDIMScheduler
 
         w = self.guidance_scale if guidance is None else float(guidance)
@@ -156,7 +140,7 @@ class DigitsBundle:
                               beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
         sched.set_timesteps(steps)
         cond = self.encode_prompts(prompts)
-        x = self.sample_noise(len(prompts), rng)
+        x = z.to(self.device)
         for t in sched.timesteps:
             tt = torch.full((x.shape[0],), int(t), device=self.device, dtype=torch.long)
             x = sched.step(self.reference_eps(x, tt, cond, w), int(t), x).prev_sample
@@ -166,7 +150,9 @@ class DigitsBundle:
 def build_bundle(model_cfg, device: torch.device | str = "cpu") -> DigitsBundle:
     """The digits bundle from a distar.config.DigitsModel (weights_dir None = shipped files)."""
     wdir = weights_dir(model_cfg.weights_dir)
-    if model_cfg.generator is not None:
+    if model_cfg.generator == "teacher":  # distillation starts the generator from the teacher itself
+        gen = None
+    elif model_cfg.generator is not None:
         gen = resolve_generator_file(model_cfg.generator)
     else:
         gen = wdir / FILES["onestep"]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import models, text
+from .files import weight_file
 
 
 class AlignmentReward(nn.Module):
@@ -40,19 +41,12 @@ class BoldnessReward(nn.Module):
         return self.regressor(images)[:, 0]
 
 
-def _file(path: str | Path | None, name: str) -> Path:
-    from .bundle import FILES, SHIPPED_DIR
-
-    p = Path(path) if path is not None else SHIPPED_DIR
-    return p / FILES[name] if p.is_dir() else p
-
-
 def build_alignment_reward(path: str | Path | None = None, device: torch.device | str = "cpu") -> AlignmentReward:
     """path: a weights dir or a .safetensors file; None = the shipped weights."""
-    m = models.load_weights(AlignmentReward(), _file(path, "alignment"))
+    m = models.load_weights(AlignmentReward(), weight_file(path, "alignment"))
     return m.to(device).eval().requires_grad_(False)
 
 
 def build_boldness_reward(path: str | Path | None = None, device: torch.device | str = "cpu") -> BoldnessReward:
-    m = models.load_weights(BoldnessReward(), _file(path, "boldness"))
+    m = models.load_weights(BoldnessReward(), weight_file(path, "boldness"))
     return m.to(device).eval().requires_grad_(False)

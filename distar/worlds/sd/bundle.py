@@ -4,7 +4,7 @@
                                                generator="tianweiy/DMD2",
                                                generator_file="dmd2_sdxl_1step_unet_fp16.bin"), device)
 
-Objects (../shared/ALGORITHM.md): the reference UNet (frozen, `dtype`) gives eps_ref with CFG inside; the
+Objects (docs/algorithm.md): the reference UNet (frozen, `dtype`) gives eps_ref with CFG inside; the
 fake score starts as a float32 copy of it; the generator is a UNet at the fixed timestep tau,
 `x0 = (z - sigma_tau * eps_theta(z, tau, c)) / alpha_tau`. Latents are in the UNet's (scaled) latent space;
 `decode` maps them to [0, 1] pixels through the VAE, differentiably.
@@ -12,16 +12,18 @@ fake score starts as a float32 copy of it; the generator is a UNet at the fixed 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .. import diffusion
-from ..bundle import unwrap
-from ..schedules import alphas_cumprod_from_scheduler
-from .sd_loading import DTYPES, ReferenceParts, SDLoadError, add_lora, load_generator_unet, load_reference
+from ... import diffusion
+from ...bundle import unwrap
+from ...schedules import alphas_cumprod_from_scheduler
+from .loading import DTYPES, ReferenceParts, SDLoadError, add_lora, load_generator_unet, load_reference
 
 # A small built-in prompt set (Parti-style), used when the run config gives no prompts.
 BUILTIN_PROMPTS = (
@@ -204,6 +206,13 @@ class StableDiffusionBundle:
         cond = self.encode_prompts(list(prompts))
         return self.decode(self.generate(unwrap(net), self.sample_noise(len(prompts), rng), cond))
 
+    def sample_reference(self, prompts: Sequence[str], z: torch.Tensor, steps: int = 50,
+                         guidance: float | None = None) -> torch.Tensor:
+        """The reference's multi-step DDIM samples (CFG `guidance`, default the bundle's) from noise z."""
+        from .sampling import sample_reference
+
+        return sample_reference(self, prompts, z, steps=steps, guidance=guidance)
+
 
 def build_bundle(model_cfg, device: torch.device | str) -> StableDiffusionBundle:
     """Load an SD1.5 / SDXL bundle from a `distar.config.StableDiffusionModel` section."""
@@ -235,3 +244,26 @@ def build_bundle(model_cfg, device: torch.device | str) -> StableDiffusionBundle
         raise SDLoadError(f"model.resolution={resolution}: must be a multiple of the VAE factor {vsf}")
     return StableDiffusionBundle(model_cfg.world, parts, generator, fake, model_cfg.guidance_scale,
                                  model_cfg.conditioning_timestep, resolution, device)
+
+
+def _world_of_pipeline(source: str) -> str:
+    idx = Path(source) / "model_index.json"
+    if idx.is_file():
+        return "sdxl" if "XL" in json.loads(idx.read_text()).get("_class_name", "") else "sd15"
+    if Path(source).exists():
+        raise SDLoadError(f"{source!r}: not a diffusers pipeline directory (no model_index.json)")
+    return "sdxl" if "xl" in source.lower() else "sd15"
+
+
+def reference_bundle(source: str, guidance: float | None, device: str, dtype: str) -> tuple["StableDiffusionBundle", str]:
+    """A diffusers pipeline (dir or hub id) as a sampling-only bundle (evaluation's `ref:PIPELINE`)."""
+    world = _world_of_pipeline(source)
+    parts = load_reference(world, source, DTYPES[dtype])
+    for m in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
+        if m is not None:
+            m.requires_grad_(False).eval().to(device)
+    vsf = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    # no generator / fake copies: the reference UNet stands in for both (they are never called here)
+    bundle = StableDiffusionBundle(world, parts, parts.unet, parts.unet, 7.5 if guidance is None else guidance,
+                                   399, parts.unet.config.sample_size * vsf, device)
+    return bundle, world

@@ -12,7 +12,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import data, models, text
+from distar.progress import progress
+from distar.worlds.digits import data, models, text
 
 
 def train_teacher(steps: int = 1500, batch_size: int = 64, lr: float = 1e-3, p_uncond: float = 0.1,
@@ -32,7 +33,7 @@ def train_teacher(steps: int = 1500, batch_size: int = 64, lr: float = 1e-3, p_u
     lr_at = lambda s: lr * min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
     ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     t0, run = time.time(), 0.0
-    for step in range(steps):
+    for step in progress(range(steps), desc="teacher", unit="step"):
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=rng)
         x0, labels = x[idx], y[idx]
         prompts = data.random_prompts(labels, rng)

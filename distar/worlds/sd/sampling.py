@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .. import diffusion
+from ... import diffusion
 
 SCHEDULERS = ("ddim", "euler")
 

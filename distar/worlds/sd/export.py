@@ -8,7 +8,7 @@ The directory holds the reference pipeline's VAE, text encoders and tokenizers, 
 (LoRA adapters merged in, float32 unless `dtype` says otherwise) and an LCMScheduler built from the
 reference scheduler's config, as DMD2 publishes its SDXL one-step model. With timesteps=[399] LCM's step
 is x0 = (z - sigma_tau eps) / alpha_tau (its boundary-condition weights are 1 - 1e-8 and 1e-8 there),
-the generator rule of distar.worlds.stable_diffusion. `distar_one_step.json` records the timestep.
+the generator rule of distar.worlds.sd.bundle. `distar_one_step.json` records the timestep.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bundle import unwrap
-from .worlds.sd_loading import merged_unet
+from ...bundle import unwrap
+from .loading import merged_unet
 
 
 def one_step_pipeline(bundle, generator_net: nn.Module, dtype: torch.dtype = torch.float32):

@@ -6,8 +6,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import data, models
-from .rewards import AlignmentReward, BoldnessReward
+from distar.progress import progress
+from distar.worlds.digits import data, models
+from distar.worlds.digits.rewards import AlignmentReward, BoldnessReward
 
 
 def _shift(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
@@ -24,7 +25,7 @@ def _fit(net: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn, s
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     net.train()
     t0 = time.time()
-    for _ in range(steps):
+    for _ in progress(range(steps), desc="small model", unit="step"):
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=rng)
         xb = _shift(x[idx], rng) if augment else x[idx]
         loss = loss_fn(net(xb), target[idx])

@@ -1,6 +1,6 @@
 """Rebuild every shipped weight of the digits world from scratch, with fixed seeds, on CPU.
 
-    python -m distar.worlds.digits.build_weights --out distar/weights/digits
+    python -m jobs.digits.build_weights --out distar/weights/digits
 
 Stages (in order; a later stage loads what earlier ones wrote to --out):
     teacher   reference UNet + CLIP text encoder             (teacher split)
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from . import models
-from .bundle import FILES
+from distar.worlds.digits import models
+from distar.logs import setup_logging
+from distar.worlds.digits.files import FILES, REBUILD
 
 STAGES = ("teacher", "rewards", "judge", "onestep")
 
@@ -31,7 +32,7 @@ def _update_manifest(out: Path, key: str, entry: dict) -> None:
     man[key] = entry
     man["files"] = {f.name: {"sha256": models.sha256(f), "bytes": f.stat().st_size}
                     for f in sorted(out.glob("*.safetensors"))}
-    man["rebuild"] = "python -m distar.worlds.digits.build_weights --out " + str(out)
+    man["rebuild"] = REBUILD.format(dir=out)
     man["torch"] = torch.__version__
     man["platform"] = platform.platform()
     p.write_text(json.dumps(man, indent=1) + "\n")
@@ -39,14 +40,14 @@ def _update_manifest(out: Path, key: str, entry: dict) -> None:
 
 def teacher_reference_metrics(out: Path, n_per_class: int = 20) -> dict:
     """Judge metrics of the teacher's 50-step CFG samples, same protocol as bundle.evaluate."""
-    from ...config import DigitsModel
-    from . import text
-    from .bundle import build_bundle
-    from .evaluation import Judges
+    from distar.config import DigitsModel
+    from distar.worlds.digits import text
+    from distar.worlds.digits.bundle import build_bundle
+    from distar.worlds.digits.judges import Judges
 
     b = build_bundle(DigitsModel(weights_dir=str(out)), "cpu")
     prompts = [p for p in text.eval_prompts() for _ in range(n_per_class)]
-    images = b.sample_reference(prompts, torch.Generator().manual_seed(1234), steps=50)
+    images = b.sample_reference(prompts, b.sample_noise(len(prompts), torch.Generator().manual_seed(1234)), steps=50)
     return {k: round(v, 5) for k, v in Judges.load(out).metrics(images, prompts).items()}
 
 
@@ -59,10 +60,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = lambda s: print(s, flush=True)
+    setup_logging(0)
+    log = lambda s: print(s, flush=True)  # noqa: E731
     t_all = time.time()
     if "teacher" in args.stages:
-        from .train_teacher import train_teacher
+        from jobs.digits.train_teacher import train_teacher
 
         unet, te, info = train_teacher(log=log)
         models.save_weights(unet, out / FILES["teacher"])
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
         info.update(unet_config=models.UNET_CONFIG, text_config=models.TEXT_CONFIG)
         _update_manifest(out, "teacher", info)
     if "rewards" in args.stages:
-        from .train_small import train_alignment, train_boldness
+        from jobs.digits.train_small import train_alignment, train_boldness
 
         m, info = train_alignment()
         models.save_weights(m, out / FILES["alignment"], dtype=torch.float32)
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
         _update_manifest(out, "boldness_reward", info)
         log(f"rewards done")
     if "judge" in args.stages:
-        from .train_small import train_judge
+        from jobs.digits.train_small import train_judge
 
         m, info = train_judge()
         models.save_weights(m, out / FILES["judge"], dtype=torch.float32)
@@ -93,10 +95,11 @@ def main(argv=None) -> int:
                                                             "protocol": "50-step DDIM, CFG 2, 20 per class"})
         log(f"teacher reference metrics: {ref}")
     if "onestep" in args.stages:
-        from .distill import distill_onestep
+        from jobs.digits.distill import distill_onestep
 
-        state, info = distill_onestep(out, log=log)
+        state, fake, info = distill_onestep(out, runs=out / "distill_run")
         models.save_weights(state, out / FILES["onestep"])
+        models.save_weights(fake, out / "onestep_fake_score.safetensors")
         _update_manifest(out, "onestep", info)
     log(f"build_weights done in {time.time() - t_all:.0f}s")
     return 0

@@ -14,22 +14,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ... import tables
+from ...frechet import frechet_distance
 from . import data, models, text
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to feature sets a [N, D] and b [M, D]."""
-    from scipy import linalg
-
-    a, b = a.double().cpu().numpy(), b.double().cpu().numpy()
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        off = np.eye(s1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+from .files import weight_file
+from .rewards import build_alignment_reward, build_boldness_reward
 
 
 def per_class_diversity(feats: torch.Tensor, labels: torch.Tensor) -> float:
@@ -52,10 +41,8 @@ class Judges:
 
     @classmethod
     def load(cls, weights_dir: str | Path | None = None, device: torch.device | str = "cpu") -> "Judges":
-        from .bundle import FILES, SHIPPED_DIR
-
-        d = Path(weights_dir) if weights_dir is not None else SHIPPED_DIR
-        judge = models.load_weights(models.DigitMLP(), d / FILES["judge"]).to(device).eval().requires_grad_(False)
+        judge = models.load_weights(models.DigitMLP(), weight_file(weights_dir, "judge"))
+        judge = judge.to(device).eval().requires_grad_(False)
         x, y = data.load_split("heldout")
         with torch.no_grad():
             feats = judge.features(x.to(device)).cpu()
@@ -79,8 +66,6 @@ class Judges:
 
 @torch.no_grad()
 def proxy_rewards(images: torch.Tensor, prompts: Sequence[str], weights_dir=None) -> dict[str, float]:
-    from .rewards import build_alignment_reward, build_boldness_reward
-
     a = build_alignment_reward(weights_dir, images.device)(images, prompts)
     b = build_boldness_reward(weights_dir, images.device)(images, prompts)
     return {"proxy_alignment": a.mean().item(), "proxy_boldness": b.mean().item()}
@@ -116,21 +101,14 @@ def real_row(judges: Judges, weights_dir=None) -> dict:
     return row
 
 
-COLUMNS = [("model", "model", "{}"), ("proxy_alignment", "proxy align (log p)", "{:.3f}"),
-           ("proxy_boldness", "proxy bold", "{:.4f}"), ("gold_boldness", "gold bold", "{:.4f}"),
-           ("judge_accuracy", "judge acc", "{:.3f}"), ("frechet", "Frechet", "{:.2f}"),
-           ("diversity", "diversity (real=1)", "{:.3f}"), ("sec_per_image", "ms / image", "{}")]
+COLUMNS = {"model": "model", "proxy_alignment": "proxy align (log p)", "proxy_boldness": "proxy bold",
+           "gold_boldness": "gold bold", "judge_accuracy": "judge acc", "frechet": "Frechet",
+           "diversity": "diversity (real=1)", "sec_per_image": "ms / image"}
+FORMATS = {"proxy_alignment": "{:.3f}".format, "proxy_boldness": "{:.4f}".format, "gold_boldness": "{:.4f}".format,
+           "judge_accuracy": "{:.3f}".format, "frechet": "{:.2f}".format, "diversity": "{:.3f}".format,
+           "sec_per_image": lambda v: "-" if v != v else f"{1000 * v:.2f}"}
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    for r in rows:
-        cells = []
-        for key, _, fmt in COLUMNS:
-            v = r.get(key)
-            if key == "sec_per_image":
-                cells.append("-" if v is None or v != v else f"{1000 * v:.2f}")
-            else:
-                cells.append("-" if v is None else fmt.format(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The digits results table (the columns of docs/digits_results.md)."""
+    return tables.markdown_table(rows, list(COLUMNS), headers=COLUMNS, formats=FORMATS)

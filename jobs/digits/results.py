@@ -1,6 +1,6 @@
 """Reproduce docs/digits_results.md: train every row of the digits table, evaluate, plot.
 
-    python -m distar.worlds.digits.results --runs runs/digits_table --docs docs
+    python -m jobs.digits.results --runs runs/digits_table --docs docs
 
 Each row is `distar train --config digits` with the overrides in ROWS (in-process run_training), followed
 by one `distar eval`-style evaluation of all models with the same prompts and seeds. Finished runs
@@ -29,8 +29,8 @@ def _slug(label: str) -> str:
 
 
 def train_rows(runs: Path, only: list[int] | None = None, log=print) -> dict[str, dict]:
-    from ...config import load_config
-    from ...train_loop import LoopHooks, run_training
+    from distar.config import load_config
+    from distar.train_loop import LoopHooks, run_training
 
     done = {}
     for i, (label, method, alpha, overrides) in enumerate(ROWS):
@@ -50,8 +50,8 @@ def train_rows(runs: Path, only: list[int] | None = None, log=print) -> dict[str
 
 
 def evaluate_all(trained: dict[str, dict], n_per_class: int, seed: int, log=print) -> list[dict]:
-    from .evaluation import Judges, evaluate_sampler, real_row
-    from .loading import load_model
+    from distar.worlds.digits.judges import Judges, evaluate_sampler, real_row
+    from distar.loading import load_model
 
     judges = Judges.load()
     rows = [real_row(judges)]
@@ -70,8 +70,9 @@ def evaluate_all(trained: dict[str, dict], n_per_class: int, seed: int, log=prin
 
 def save_grids(trained: dict[str, dict], docs: Path, per_class: int = 8) -> None:
     """docs/digits_grid_<model>.png: one row per digit 0..9, same noise for every model."""
-    from . import text
-    from .loading import grid_image, load_model
+    from distar.worlds.digits import text
+    from distar.images import grid
+    from distar.loading import load_model
 
     prompts = [p for p in text.eval_prompts() for _ in range(per_class)]
     best = [info["dir"] for label, info in trained.items() if info["method"] == "DI*"]
@@ -79,13 +80,13 @@ def save_grids(trained: dict[str, dict], docs: Path, per_class: int = 8) -> None
             [("di_star", best[-1])] if best else []):
         model = load_model(spec)
         images = model.sample(prompts, torch.Generator().manual_seed(0), **({"steps": 50} if model.multistep else {}))
-        grid_image(images, cols=per_class).save(docs / f"digits_grid_{name}.png")
+        grid(images, cols=per_class).save(docs / f"digits_grid_{name}.png")
 
 
 def retime(rows: list[dict], trained: dict[str, dict], n: int = 250, log=print) -> None:
     """Re-measure seconds per image of every model, warm, back to back, on `n` images (batch 250)."""
-    from . import text
-    from .loading import load_model
+    from distar.worlds.digits import text
+    from distar.loading import load_model
 
     specs = {"reference 50-step CFG": "digits-teacher", "one-step init (SIM)": "digits-onestep",
              **{label: info["dir"] for label, info in trained.items()}}
@@ -136,7 +137,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from .evaluation import markdown_table
+    from distar.worlds.digits.judges import markdown_table
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs/digits_table")
