@@ -24,6 +24,10 @@ from typing import Any, Mapping
 _TINY = 1e-12  # |best| floor: with best == 0 any worsening counts as relative degradation
 
 
+def _fmt(x: float | None) -> str:
+    return "missing" if x is None else f"{x:.6g}"
+
+
 @dataclass(frozen=True)
 class Decision:
     triggered: bool      # the rule fired at this observation
@@ -79,7 +83,7 @@ class HackingMonitor:
         self.streak = self.streak + 1 if degraded and climbing else 0
         what = (f"{name}={value:.6g} is {100 * degradation:.1f}% worse than its best {self.best:.6g} "
                 f"(step {self.best_step}, tolerance {100 * self.cfg.tolerance:.0f}%); {self.cfg.trained}="
-                f"{trained if trained is None else f'{trained:.6g}'} vs {self.trained_at_best} at the best step")
+                f"{_fmt(trained)} vs {_fmt(self.trained_at_best)} at the best step")
         if self.streak >= self.cfg.patience:
             if self.triggered_step is None:
                 self.triggered_step = step
