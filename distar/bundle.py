@@ -9,6 +9,8 @@ Optional methods a world may add (the loop and CLI use them when present):
     training_prompts() -> list[str]                       the world's own prompt set
     evaluate(net, rng) -> dict[str, float]                world-specific quality metrics of generator `net`
     sample_grid(net, prompts, rng) -> torch.Tensor        images [n, C, H, W] in [0, 1] for a grid artifact
+    fake_score_matched: bool                              the fake score came already fitted to the generator
+                                                          (the loop then skips the fake warm-up)
     sample_reference(prompts, z, steps, guidance)         the reference's own multi-step samples from noise z
                                                           (images [n, C, H, W] in [0, 1]; evaluation, serving)
 

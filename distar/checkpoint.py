@@ -165,12 +165,16 @@ def resume_dict(state: "TrainState", generator: dict, fake_score: dict, generato
     """The resume state (train_state.pt) from full state dicts of each part."""
     return {"generator": generator, "fake_score": fake_score, "generator_opt": generator_opt,
             "fake_opt": fake_opt, "ema": ema, "step": state.step,
-            "fake_warmup_done": state.fake_warmup_done}
+            "fake_warmup_done": state.fake_warmup_done,
+            "alpha_controller": state.alpha_controller.state_dict() if state.alpha_controller is not None else None}
 
 
 def restore_progress(state: "TrainState", saved: dict) -> None:
     state.step = int(saved["step"])
     state.fake_warmup_done = bool(saved.get("fake_warmup_done", True))
+    if state.alpha_controller is not None and saved.get("alpha_controller") is not None:
+        state.alpha_controller.load_state_dict(saved["alpha_controller"])
+        state.alpha_rew = state.alpha_controller.value
 
 
 def state_dict_for_resume(state: "TrainState") -> dict:

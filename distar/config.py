@@ -204,6 +204,8 @@ class TrainConfig(_Frozen):
                           "(and fake score, if saved) from; ignored when resuming")
     mixed_precision: Literal["no", "bf16"] = Field(
         "no", description="bf16 autocast around the step (trained weights stay float32 masters)")
+    monitor: Optional[HackingMonitorConfig] = Field(
+        None, description="reward-hacking monitor, checked at every evaluation (log_every)")
 
 
 class RayConfig(_Frozen):

@@ -154,6 +154,7 @@ def _train_worker(config: dict) -> None:
         # with FSDP every rank joins the image grid's forward, so every rank needs the hook (a no-op on rank > 0)
         images = bool(config.get("mlflow_run_id")) and (logger is not None or cfg.ray.strategy == "fsdp")
         hooks = LoopHooks(rank=rank, world_size=world, reduce_metrics=reduce_metrics, **strategy,
+                          reduce_signal=lambda v: reduce_metrics({"signal": v})["signal"],
                           on_log=(lambda s, m: logger.metrics(s, m)) if logger else None,
                           on_images=(lambda s, im: logger and logger.images(s, im)) if images else None,
                           on_checkpoint=on_checkpoint, barrier=dist.barrier, progress=False,

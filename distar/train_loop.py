@@ -28,7 +28,9 @@ from .progress import progress
 from .prompts import load_prompts
 from .rewards import LocalRewardClient, build_weighted_reward
 from .rewards.base import RewardClient
-from .train_step import TrainState, build_optimizer, fake_update, train_step
+from .hacking_monitor import HackingMonitor
+from .reward_weight import build_alpha_controller
+from .train_step import TrainState, build_optimizer, fake_update, finalize_interval_metrics, train_step
 from .worlds import build_bundle
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class LoopHooks:
     on_checkpoint: Callable[[int, Path, dict[str, float]], None] | None = None  # every rank, after rank 0 wrote
     on_images: Callable[[int, torch.Tensor], None] | None = None  # rank 0; every rank if state_io.collective
     barrier: Callable[[], None] = lambda: None
+    reduce_signal: Callable[[torch.Tensor], torch.Tensor] | None = None  # the alpha controller's, across ranks
     progress: bool = True
     resume_from_out_dir: bool = True  # False under Ray Train: resume only from the checkpoint Ray hands back
 
@@ -80,18 +83,27 @@ def build_state(cfg: RunConfig, device: torch.device, hooks: LoopHooks) -> Train
         generator_opt=build_optimizer(bundle.generator, g.lr, g.betas, g.weight_decay, g.eps),
         fake_opt=build_optimizer(bundle.fake_score, f.lr, f.betas, f.weight_decay, f.eps),
         ema=EMA(bundle.generator, cfg.train.ema_decay),
+        alpha_controller=build_alpha_controller(cfg.loss),
+        fake_warmup_done=bool(getattr(bundle, "fake_score_matched", False)),
+        signal_reduce=hooks.reduce_signal,
     )
 
 
 def _check_resumable(cfg: RunConfig, ckpt_dir: Path) -> None:
-    """Refuse to resume a run whose model or loss differ from this config (a different experiment)."""
+    """Refuse to resume a run whose model or loss differ from this config (a different experiment). The saved
+    config is validated first, so settings added since it was written compare at their defaults."""
     import yaml
 
+    from .config import config_from_dict
 
     saved_file = ckpt_dir / ckpt.CONFIG_FILE
     if not saved_file.is_file():
         return
-    saved = yaml.safe_load(saved_file.read_text())
+    raw = yaml.safe_load(saved_file.read_text())
+    try:
+        saved = yaml.safe_load(dump_config(config_from_dict(raw)))
+    except ConfigError:
+        saved = raw  # not valid any more: compare as written (and most likely refuse)
     now = yaml.safe_load(dump_config(cfg))
     for section in ("model", "loss"):
         if saved.get(section) != now.get(section):
@@ -122,6 +134,8 @@ class _Session:
     config_yaml: str
     reward: RewardClient | None
     history: list[dict[str, float]] = field(default_factory=list)
+    monitor: HackingMonitor | None = None
+    stopped_by_monitor: bool = False
 
     @property
     def joins(self) -> bool:
@@ -132,6 +146,13 @@ class _Session:
         idx = torch.randint(len(self.prompts), (self.cfg.train.batch_size,), generator=self.rng)
         return [self.prompts[i] for i in idx.tolist()]
 
+    def save_best(self, metrics: dict[str, float]) -> None:
+        generator_state = self.hooks.state_io.gather(self.state)[0] if self.joins else None
+        if self.hooks.is_main:
+            ckpt.save_generator_dir(self.out_dir / "best", generator_state, self.config_yaml,
+                                    {"step": self.state.step, "metrics": metrics})
+        self.hooks.barrier()
+
     def save(self, final: bool, metrics: dict[str, float]) -> Path | None:
         generator_state = train_state = path = None
         if self.joins:
@@ -140,7 +161,10 @@ class _Session:
             kwargs = dict(generator_state=generator_state, config_yaml=self.config_yaml,
                           meta={"step": self.state.step, "metrics": metrics}, train_state=train_state)
             path = ckpt.save_step_checkpoint(self.out_dir, self.state.step, **kwargs)
-            if final:
+            if final and self.stopped_by_monitor and self.cfg.train.monitor.action == "keep_best" \
+                    and (self.out_dir / "best").is_dir():
+                ckpt.write_atomic_dir(self.out_dir / "final", lambda tmp: _copy_dir(self.out_dir / "best", tmp))
+            elif final:
                 ckpt.save_generator_dir(self.out_dir / "final", **{**kwargs, "train_state": None})
         self.hooks.barrier()
         if self.hooks.on_checkpoint is not None:
@@ -150,7 +174,7 @@ class _Session:
     def log(self, sums: dict[str, torch.Tensor], count: int, seconds: float) -> dict[str, float]:
         """Reduce the interval's metrics across ranks, evaluate, and write/report them (rank 0)."""
         reduced = self.hooks.reduce_metrics({k: v / count for k, v in sums.items()})
-        last = {k: float(v) for k, v in reduced.items()}
+        last = finalize_interval_metrics({k: float(v) for k, v in reduced.items()})
         last["perf/images_per_s"] = count * self.cfg.train.batch_size * self.hooks.world_size / max(seconds, 1e-9)
         last["step"] = self.state.step
         evaluation = _evaluate(self.state, self.cfg.train.seed + 7, self.hooks.state_io) if self.joins else {}
@@ -163,6 +187,22 @@ class _Session:
             if self.hooks.on_log is not None:
                 self.hooks.on_log(self.state.step, last)
         return last
+
+    def watch(self, metrics: dict[str, float]) -> bool:
+        """The reward-hacking monitor on this evaluation (every rank sees the same reduced metrics); True = stop.
+        A new best held-out value saves best/ (the EMA generator); keep_best makes it the run's final/."""
+        if self.monitor is None:
+            return False
+        best = stop = False
+        if self.hooks.is_main:  # rank 0 holds the evaluation; the decision is shared below
+            decision = self.monitor.observe(self.state.step, metrics)
+            best, stop = decision.best_step == self.state.step, decision.should_stop
+            if decision.triggered:
+                log.warning("reward-hacking monitor (step %d): %s", self.state.step, decision.reason)
+        flags = self.hooks.reduce_metrics({"best": torch.tensor(float(best)), "stop": torch.tensor(float(stop))})
+        if float(flags["best"]) > 0 and self.cfg.train.monitor.action == "keep_best":
+            self.save_best(metrics)
+        return float(flags["stop"]) > 0
 
     def images(self) -> None:
         if self.joins:
@@ -193,13 +233,16 @@ def _start(cfg: RunConfig, device: torch.device, hooks: LoopHooks, reward_client
     elif cfg.train.init_from is not None:
         ckpt.init_from_checkpoint(state, Path(cfg.train.init_from), cfg.train.ema_decay, hooks.state_io)
     session = _Session(cfg, hooks, state, training_prompts(cfg, state.bundle), _seeded(cfg.train.seed, hooks.rank, state.step), out_dir,
-                       dump_config(cfg), reward_client)
+                       dump_config(cfg), reward_client,
+                       monitor=HackingMonitor(cfg.train.monitor) if cfg.train.monitor is not None else None)
     if hooks.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(session.config_yaml)
-        log.info("%s: world=%s divergence=%s distance=%s c=%g lambda(t)=%s alpha_rew=%g device=%s workers=%d",
-                 cfg.name, cfg.model.world, cfg.loss.divergence, cfg.loss.distance, cfg.loss.c, cfg.loss.weighting,
-                 cfg.loss.alpha_rew, device, hooks.world_size)
+        control = f" (adaptive, target {cfg.loss.alpha_control.signal}={cfg.loss.alpha_control.target:g})" \
+            if cfg.loss.alpha_control is not None else ""
+        log.info("%s: world=%s divergence=%s distance=%s c=%g (%s) lambda(t)=%s alpha_rew=%g%s device=%s workers=%d",
+                 cfg.name, cfg.model.world, cfg.loss.divergence, cfg.loss.distance, cfg.loss.c, cfg.loss.c_scale,
+                 cfg.loss.weighting, cfg.loss.alpha_rew, control, device, hooks.world_size)
     return session
 
 
@@ -251,6 +294,9 @@ def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: L
         if state.step % train.log_every == 0 or state.step == train.steps:
             last = run.log(sums, count, time.perf_counter() - t_interval)
             sums, count, t_interval = {}, 0, time.perf_counter()
+            if run.watch(last):
+                run.stopped_by_monitor = True
+                break
         if train.sample_every and state.step % train.sample_every == 0:
             run.images()
         if train.checkpoint_every and state.step % train.checkpoint_every == 0 and state.step < train.steps:
@@ -259,6 +305,13 @@ def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: L
     run.save(True, last)
     return TrainResult(final_dir=(run.out_dir / "final") if hooks.is_main else None, history=run.history,
                        seconds=time.perf_counter() - t0)
+
+
+def _copy_dir(src: Path, dst: Path) -> None:
+    import shutil
+
+    for f in src.iterdir():
+        shutil.copy2(f, dst / f.name)
 
 
 @torch.no_grad()

@@ -6,7 +6,9 @@ Stages (in order; a later stage loads what earlier ones wrote to --out):
     teacher   reference UNet + CLIP text encoder             (teacher split)
     rewards   alignment classifier + boldness regressor      (reward split; gold labels on real digits)
     judge     judge classifier (MLP)                          (held-out split)
-    onestep   one-step generator by SIM distillation          (data-free, from the teacher)
+    onestep   one-step generator by SIM distillation          (data-free, from the teacher), and the
+              distillation's final fake score (post-training starts with a fake matched to the generator)
+    onestep_fake  only the fake score, fitted by DSM to the one-step generator already in --out
 manifest.json records each file's sha256 and size, the training configs, times and metrics.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from distar.logs import setup_logging
 from distar.worlds.digits.files import FILES, REBUILD
 
 STAGES = ("teacher", "rewards", "judge", "onestep")
+EXTRA_STAGES = ("onestep_fake",)
 
 
 def _update_manifest(out: Path, key: str, entry: dict) -> None:
@@ -54,8 +57,9 @@ def teacher_reference_metrics(out: Path, n_per_class: int = 20) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory for the safetensors files and manifest.json")
-    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES + EXTRA_STAGES)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", default="runs/build_weights", help="training runs of the onestep stages (resumable)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -97,10 +101,16 @@ def main(argv=None) -> int:
     if "onestep" in args.stages:
         from jobs.digits.distill import distill_onestep
 
-        state, fake, info = distill_onestep(out, runs=out / "distill_run")
+        state, fake, info = distill_onestep(out, runs=Path(args.runs) / "distill")
         models.save_weights(state, out / FILES["onestep"])
-        models.save_weights(fake, out / "onestep_fake_score.safetensors")
+        models.save_weights(fake, out / FILES["onestep_fake"])
         _update_manifest(out, "onestep", info)
+    if "onestep_fake" in args.stages:
+        from jobs.digits.distill import fit_fake_score
+
+        fake, info = fit_fake_score(out, runs=Path(args.runs) / "fake_fit")
+        models.save_weights(fake, out / FILES["onestep_fake"])
+        _update_manifest(out, "onestep_fake", info)
     log(f"build_weights done in {time.time() - t_all:.0f}s")
     return 0
 

@@ -39,3 +39,20 @@ def distill_onestep(weights_dir: str | Path, runs: str | Path, overrides: list[s
                        "conditioning_timestep": cfg.model.conditioning_timestep}, "history": result.history,
             "train_seconds": round(time.time() - t0, 1)}
     return load_generator_state(result.final_dir), {k: v.to(torch.float32) for k, v in final["fake_score"].items()}, info
+
+
+FIT_FAKE = ["name=digits-fake-fit", "loss.alpha_rew=0", "reward.terms=[]", "train.steps=0", "train.batch_size=32",
+            "train.fake_optim.lr=1e-4", "train.seed=1", "train.device=cpu"]
+
+
+def fit_fake_score(weights_dir: str | Path, runs: str | Path, steps: int = 800) -> tuple[dict, dict]:
+    """A fake score fitted by denoising score matching to the one-step generator already in `weights_dir`
+    (the loop's fake warm-up, `steps` updates from the teacher, no generator update): for a weights directory
+    whose generator came from an older build that did not keep its distillation's fake score."""
+    cfg = load_config("digits", FIT_FAKE + [f"model.weights_dir={weights_dir}", f"train.out_dir={runs}",
+                                            f"train.fake_warmup_steps={steps}"])
+    t0 = time.time()
+    run_training(cfg, hooks=LoopHooks())
+    fake = load_train_state(latest_checkpoint(Path(runs)))["fake_score"]
+    info = {"config": FIT_FAKE + [f"train.fake_warmup_steps={steps}"], "train_seconds": round(time.time() - t0, 1)}
+    return {k: v.to(torch.float32) for k, v in fake.items()}, info

@@ -65,6 +65,12 @@ class DigitsBundle:
         self.generator = copy.deepcopy(self.reference).requires_grad_(True).train()
         if generator_file is not None:
             models.load_weights(self.generator, generator_file)
+        # the shipped generator comes with the fake score its distillation ended with (or one fitted to it):
+        # post-training then needs no fake warm-up (the loop reads fake_score_matched)
+        fake_file = wdir / FILES["onestep_fake"]
+        self.fake_score_matched = generator_file == wdir / FILES["onestep"] and fake_file.is_file()
+        if self.fake_score_matched:
+            models.load_weights(self.fake_score, fake_file)
         self.mean_image = (data.load_split("teacher")[0].mean(0) * 2.0 - 1.0).to(self.device)  # m, [1, 16, 16]
         self._null_cache: torch.Tensor | None = None
 

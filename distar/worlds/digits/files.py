@@ -10,7 +10,7 @@ from pathlib import Path
 
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "weights" / "digits"
 FILES = {"teacher": "teacher_unet.safetensors", "text_encoder": "text_encoder.safetensors",
-         "onestep": "onestep_generator.safetensors",
+         "onestep": "onestep_generator.safetensors", "onestep_fake": "onestep_fake_score.safetensors",
          "alignment": "alignment_reward.safetensors", "boldness": "boldness_reward.safetensors",
          "judge": "judge_classifier.safetensors"}
 REBUILD = "python -m jobs.digits.build_weights --out {dir}"
