@@ -196,7 +196,7 @@ def raw_unet_seconds(bundle, batch: int, reps: int, autocast, device) -> dict[st
         def fn():
             ref.zero_grad(set_to_none=True)
             with torch.set_grad_enabled(grad), autocast:
-                eps = bundle._eps(ref, x, t, cond.text, cond.pooled, cond.time_ids)
+                eps = bundle.unet_eps(ref, x, t, cond.text, cond.pooled, cond.time_ids)
                 if grad:
                     eps.square().mean().backward()
         try:

@@ -148,7 +148,7 @@ class StableDiffusionBundle:
                       null_pooled=null_pooled.expand(n, -1), time_ids=self._time_ids(n))
 
     # ------------------------------------------------------------------------------------------ UNets
-    def _eps(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+    def unet_eps(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
              pooled: Optional[torch.Tensor], time_ids: Optional[torch.Tensor]) -> torch.Tensor:
         """Epsilon prediction of a UNet (float32 out), casting inputs to the net's dtype."""
         dt = _input_dtype(net)
@@ -165,22 +165,22 @@ class StableDiffusionBundle:
     def generate(self, net: nn.Module, z: torch.Tensor, cond: SDCond) -> torch.Tensor:
         """x0 = (z - sigma_tau * eps_theta(z, tau, c)) / alpha_tau, latents [n, C, h, w] (float32)."""
         t = torch.full((z.shape[0],), self.conditioning_timestep, dtype=torch.long, device=z.device)
-        eps = self._eps(net, z, t, cond.text, cond.pooled, cond.time_ids)
+        eps = self.unet_eps(net, z, t, cond.text, cond.pooled, cond.time_ids)
         alpha, sigma = diffusion.alpha_sigma(self.alphas_cumprod, t)
         return diffusion.x0_from_eps(z.float(), eps, alpha, sigma)
 
     def eps_fake(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: SDCond) -> torch.Tensor:
-        return self._eps(net, x_t, t, cond.text, cond.pooled, cond.time_ids)
+        return self.unet_eps(net, x_t, t, cond.text, cond.pooled, cond.time_ids)
 
     def eps_ref(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDCond) -> torch.Tensor:
         """eps(x, null) + w (eps(x, c) - eps(x, null)), one batched UNet pass over [null; cond]."""
         if self.guidance_scale == 1.0:
-            return self._eps(self.reference, x_t, t, cond.text, cond.pooled, cond.time_ids)
+            return self.unet_eps(self.reference, x_t, t, cond.text, cond.pooled, cond.time_ids)
         x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
         text = torch.cat([cond.null_text, cond.text])
         pooled = None if cond.pooled is None else torch.cat([cond.null_pooled, cond.pooled])
         time_ids = None if cond.time_ids is None else torch.cat([cond.time_ids, cond.time_ids])
-        e_null, e_cond = self._eps(self.reference, x2, t2, text, pooled, time_ids).chunk(2)
+        e_null, e_cond = self.unet_eps(self.reference, x2, t2, text, pooled, time_ids).chunk(2)
         return diffusion.classifier_free_guidance(e_null, e_cond, self.guidance_scale)
 
     # ------------------------------------------------------------------------------------------ pixels

@@ -2,7 +2,7 @@
 
     images = sample_reference(bundle, prompts, bundle.sample_noise(n, rng), steps=50, guidance=7.5)
 
-The reference UNet's output goes through `bundle._eps` (v-prediction converted to epsilon there), so the
+The reference UNet's output goes through `bundle.unet_eps` (v-prediction converted to epsilon there), so the
 scheduler always runs with prediction_type='epsilon'. DDIM (eta = 0) and Euler are deterministic given the
 initial noise; noise is an argument, so equal noise gives equal images.
 """
@@ -31,11 +31,11 @@ def _scheduler(bundle, kind: str):
 def eps_cfg(bundle, x_t: torch.Tensor, t: torch.Tensor, cond, guidance: float) -> torch.Tensor:
     """eps(x, null) + w (eps(x, c) - eps(x, null)) of the reference UNet, with w given (not the bundle's)."""
     if guidance == 1.0:
-        return bundle._eps(bundle.reference, x_t, t, cond.text, cond.pooled, cond.time_ids)
+        return bundle.unet_eps(bundle.reference, x_t, t, cond.text, cond.pooled, cond.time_ids)
     text = torch.cat([cond.null_text, cond.text])
     pooled = None if cond.pooled is None else torch.cat([cond.null_pooled, cond.pooled])
     time_ids = None if cond.time_ids is None else torch.cat([cond.time_ids, cond.time_ids])
-    e_null, e_cond = bundle._eps(bundle.reference, torch.cat([x_t, x_t]), torch.cat([t, t]), text, pooled,
+    e_null, e_cond = bundle.unet_eps(bundle.reference, torch.cat([x_t, x_t]), torch.cat([t, t]), text, pooled,
                                  time_ids).chunk(2)
     return diffusion.classifier_free_guidance(e_null, e_cond, guidance)
 
