@@ -29,6 +29,7 @@ from . import data, models, text
 from .files import FILES, read_manifest, weights_dir
 
 DEFAULT_TAU = 499
+PROMPT_CACHE_SIZE = 4096  # prompts whose text-encoder states DigitsBundle keeps (~2 KB each)
 
 
 @dataclass
@@ -72,7 +73,9 @@ class DigitsBundle:
         if self.fake_score_matched:
             models.load_weights(self.fake_score, fake_file)
         self.mean_image = (data.load_split("teacher")[0].mean(0) * 2.0 - 1.0).to(self.device)  # m, [1, 16, 16]
-        self._null_cache: torch.Tensor | None = None
+        self.cache_prompts = True      # False: encode every call (the uncached path, for tests and benchmarks)
+        self._prompt_cache: dict[str, torch.Tensor] = {}  # prompt -> its [L, D] states, on self.device
+        self._cache_key: tuple | None = None
 
     # ------------------------------------------------------------------ ModelBundle
     @torch.no_grad()
@@ -80,12 +83,31 @@ class DigitsBundle:
         ids = text.tokenize(list(prompts)).to(self.device)
         return self.text_encoder(ids).last_hidden_state
 
+    def _encoder_key(self) -> tuple:
+        """Changes whenever the text encoder's weights do (moved, replaced or written in place)."""
+        return tuple((p.data_ptr(), p.device, p._version) for p in self.text_encoder.parameters())
+
+    @torch.no_grad()
+    def _encode_cached(self, prompts: Sequence[str]) -> torch.Tensor:
+        """`_encode(prompts)` from a per-prompt cache (exact: the frozen encoder's row for a prompt depends on
+        that prompt alone, and is the same bits in any batch -- tests/test_digits_speed_equivalence.py).
+        The cache empties when the encoder's weights change, or when it passes PROMPT_CACHE_SIZE; an empty
+        cache is filled with the world's whole prompt set (and the null prompt) in one batch."""
+        key = self._encoder_key()
+        if key != self._cache_key or len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache, self._cache_key = {}, key
+        todo = prompts if self._prompt_cache else [text.NULL_PROMPT, *text.all_prompts(), *prompts]
+        missing = list(dict.fromkeys(p for p in todo if p not in self._prompt_cache))
+        if missing:
+            self._prompt_cache.update(zip(missing, self._encode(missing).unbind(0)))
+        return torch.stack([self._prompt_cache[p] for p in prompts])  # a new tensor: callers cannot alter the cache
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> DigitsCond:
-        if self._null_cache is None:
-            self._null_cache = self._encode([text.NULL_PROMPT])
-        hidden = self._encode(prompts)
-        return DigitsCond(hidden, self._null_cache.expand(len(prompts), -1, -1), list(prompts))
+        encode = self._encode_cached if self.cache_prompts else self._encode
+        hidden = encode(list(prompts))
+        null = encode([text.NULL_PROMPT])
+        return DigitsCond(hidden, null.expand(len(prompts), -1, -1), list(prompts))
 
     def sample_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn((n, 1, data.SIZE, data.SIZE), generator=generator).to(self.device)
