@@ -199,6 +199,9 @@ class TrainConfig(_Frozen):
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     out_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[int] = Field(
+        None, ge=1, description="torch intra-op threads per process (None = torch's default); 1 is fastest for "
+                                "small CPU models on shared cores (jobs/bench_digits_step.py)")
     init_from: Optional[str] = Field(
         None, description="checkpoint dir (generator.safetensors [+ train_state.pt]) to start the generator "
                           "(and fake score, if saved) from; ignored when resuming")

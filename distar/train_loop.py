@@ -275,6 +275,8 @@ def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: L
     """Train per `cfg`; resumes from the newest checkpoint under `cfg.train.out_dir` (or `resume_dir`)."""
     hooks = hooks or LoopHooks()
     device = device or pick_device(cfg.train.device)
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
     t0 = time.perf_counter()
     run = _start(cfg, device, hooks, reward_client, resume_dir)
     _warm_up_fake(run)

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from jobs.digits.frontier_report import trajectory  # noqa: F401 - used by callers of this module
 
 METHODS: dict[str, dict] = {
     "DI* (c=1 per sample, uniform)": {
@@ -93,11 +93,6 @@ def train_all(runs: list[dict], runs_dir: Path, workers: int, threads: int) -> N
                       f"({len(todo)} to start, {len(running)} running)", flush=True)
 
 
-def trajectory(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 def evaluate_finals(runs: list[dict], runs_dir: Path, n_per_class: int, cache: Path) -> dict[str, dict]:
     """1,000-sample judge rows of the reference, the init and every final generator (cached in `cache`)."""
     from distar.loading import load_model
@@ -126,13 +121,6 @@ def curve_at(points: list[tuple[float, float]], level: float) -> float | None:
         if min(x0, x1) <= level <= max(x0, x1) and x0 != x1:
             return y0 + (y1 - y0) * (level - x0) / (x1 - x0)
     return None
-
-
-def bootstrap(values: list[float], n: int = 4000, seed: int = 0) -> tuple[float, float, float]:
-    v = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n, len(v)))].mean(axis=1)
-    return float(v.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def frontier(runs: list[dict], rows: dict[str, dict], levels: list[float]) -> dict:

@@ -9,7 +9,22 @@ import numpy as np
 from distar.config import HackingMonitorConfig
 from distar.hacking_monitor import HackingMonitor
 from distar.tables import markdown_table
-from jobs.digits.frontier import METHODS, bootstrap, trajectory
+
+def trajectory(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def bootstrap(values: list[float], n: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n, len(v)))].mean(axis=1)
+    return float(v.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def _methods(runs: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in runs if r["method"] != "reward only"))
+
 
 MONITOR = HackingMonitorConfig(held_out="eval/frechet", mode="min", tolerance=0.25, patience=2, action="warn")
 
@@ -28,12 +43,12 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def frontier_table(front: dict, levels: list[float], ref: dict) -> tuple[str, list[dict]]:
+def frontier_table(front: dict, levels: list[float], ref: dict, methods: list[str]) -> tuple[str, list[dict]]:
     rows = []
     for level in levels:
         row = {"Frechet level": f"{level:.1f} ({level / ref['frechet']:.2f}x ref)"}
         per = {}
-        for method in METHODS:
+        for method in methods:
             seeds = front.get(method, {}).get(level, {})
             if len(seeds) >= 2:
                 mean, lo, hi = bootstrap(list(seeds.values()))
@@ -43,7 +58,7 @@ def frontier_table(front: dict, levels: list[float], ref: dict) -> tuple[str, li
                 row[method] = f"- (n={len(seeds)})"
         base = per.get("DI++ (KL)")
         verdicts = []
-        for method in METHODS:
+        for method in methods:
             if method == "DI++ (KL)" or method not in per or base is None:
                 continue
             common = sorted(set(per[method]) & set(base))
@@ -64,12 +79,14 @@ def plots(runs: list[dict], rows: dict, runs_dir: Path, docs: Path) -> tuple[Pat
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.6))
-    colors = dict(zip([*METHODS, "reward only"], ["C0", "C2", "C1", "C3"]))
+    methods = _methods(runs)
+    colors = dict(zip([*methods, "reward only"], ["C0", "C2", "C1", "C3"]))
     for r in runs:
-        if r["name"] in rows and r["method"] in METHODS:
+        if r["name"] in rows and r["method"] in methods:
             row = rows[r["name"]]
+            first = next(q for q in runs if q["method"] == r["method"])
             ax.scatter(row["frechet"], row["gold_boldness"], color=colors[r["method"]], s=14,
-                       label=r["method"] if r["seed"] == 0 and r["alpha"] == METHODS[r["method"]]["alphas"][0] else None)
+                       label=r["method"] if r is first else None)
     ref, init = rows["reference 50-step CFG"], rows["one-step init"]
     ax.plot(ref["frechet"], ref["gold_boldness"], "k*", ms=12, label="reference 50-step CFG")
     ax.plot(init["frechet"], init["gold_boldness"], "D", color="grey", label="one-step init")
@@ -87,7 +104,7 @@ def plots(runs: list[dict], rows: dict, runs_dir: Path, docs: Path) -> tuple[Pat
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     stats = {}
-    for method in METHODS:
+    for method in methods:
         gaps, fds = [], []
         for r in runs:
             if r["method"] == method:
@@ -128,7 +145,7 @@ def write_doc(docs: Path, runs: list[dict], rows: dict, front: dict, levels: lis
     from distar.worlds.digits.judges import markdown_table as digits_table
 
     ref = rows["reference 50-step CFG"]
-    table, table_rows = frontier_table(front, levels, ref)
+    table, table_rows = frontier_table(front, levels, ref, _methods(runs))
     frontier_png, gap_png, gap_stats = plots(runs, rows, runs_dir, docs)
     fired = {r["name"]: monitor_replay(trajectory(runs_dir / r["name"])) for r in runs}
     final_rows = [rows["reference 50-step CFG"], rows["one-step init"]]
