@@ -26,6 +26,7 @@ def _methods(runs: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["method"] for r in runs if r["method"] != "reward only"))
 
 
+MIN_SEEDS = 3  # a winner is called only with at least this many paired seeds
 MONITOR = HackingMonitorConfig(held_out="eval/frechet", mode="min", tolerance=0.25, patience=2, action="warn")
 
 
@@ -65,6 +66,8 @@ def frontier_table(front: dict, levels: list[float], ref: dict, methods: list[st
             if len(common) >= 2:
                 diff, lo, hi = bootstrap([per[method][s] - base[s] for s in common])
                 who = "DI* ahead" if lo > 0 else ("DI++ ahead" if hi < 0 else "no difference beyond seed spread")
+                if len(common) < MIN_SEEDS:  # a percentile bootstrap over 2 seeds is no interval: no call
+                    who = f"no call (only {len(common)} paired seeds, {MIN_SEEDS} needed)"
                 verdicts.append(f"{method.split(' (')[0]}{' ' + method[method.index('('):] if '(' in method else ''}"
                                 f" - DI++: {diff:+.4f} [{lo:+.4f}, {hi:+.4f}]: {who}")
         row["difference (paired by seed)"] = "; ".join(verdicts) or "-"
@@ -126,7 +129,7 @@ def plots(runs: list[dict], rows: dict, runs_dir: Path, docs: Path) -> tuple[Pat
 
 
 def _verdict(table_rows: list[dict]) -> str:
-    ahead = {"DI* ahead": 0, "DI++ ahead": 0, "no difference beyond seed spread": 0}
+    ahead = {"DI* ahead": 0, "DI++ ahead": 0, "no difference beyond seed spread": 0, "needed)": 0}
     for row in table_rows:
         for part in row["difference (paired by seed)"].split("; "):
             for k in ahead:
@@ -137,7 +140,8 @@ def _verdict(table_rows: list[dict]) -> str:
         return "No Frechet level was reached by enough seeds of two methods to compare them."
     return (f"Over {total} (method pair, Frechet level) comparisons: DI* ahead in {ahead['DI* ahead']}, "
             f"DI++ ahead in {ahead['DI++ ahead']}, no difference beyond the seed spread in "
-            f"{ahead['no difference beyond seed spread']} (95% bootstrap intervals over seeds).")
+            f"{ahead['no difference beyond seed spread']}, no call for lack of seeds in {ahead['needed)']} "
+            f"(95% bootstrap intervals over seeds; a call needs {MIN_SEEDS} paired seeds).")
 
 
 def write_doc(docs: Path, runs: list[dict], rows: dict, front: dict, levels: list[float], runs_dir: Path,
