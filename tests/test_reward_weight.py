@@ -112,6 +112,8 @@ def test_train_step_uses_the_controllers_alpha_and_feeds_it_the_steps_gap():
     cfg = load_config("gaussian2d", [*_REW, "loss.alpha_control={target: 1000.0, ema: 0.0}"])
     torch.manual_seed(0)
     st = build_state(cfg, torch.device("cpu"), LoopHooks())
+    assert st.alpha_controller is not None and st.alpha_controller.value == 0.5   # the loop builds it
+    st.alpha_controller = None
     assert current_alpha_rew(st, cfg.loss) == 0.5                     # no controller, no override: the config
     st.alpha_rew = 0.2
     assert current_alpha_rew(st, cfg.loss) == 0.2
