@@ -50,6 +50,8 @@ def connect(log_to_driver: bool = False) -> bool:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name in ("ray", "ray.serve", "mlflow"):  # their INFO lines would bury the run's own progress
+        logging.getLogger(name).setLevel(logging.WARNING)
     if ray.is_initialized():
         return False
     kwargs = dict(log_to_driver=log_to_driver, logging_level=logging.WARNING)
