@@ -40,3 +40,14 @@ def serve_module(ray_cluster):
     from ray import serve
 
     serve.shutdown()
+
+
+@pytest.fixture()
+def one_thread():
+    """One intra-op thread: on shared, loaded CPUs two spinning threads make the tiny nets ~20x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

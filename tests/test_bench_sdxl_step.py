@@ -9,15 +9,6 @@ import torch
 from jobs.bench_sdxl_step import SDXL_UNET, SDXL_VAE, count_flops, main
 
 
-@pytest.fixture()
-def one_thread():
-    """One intra-op thread: on shared, loaded CPUs two spinning threads make these tiny nets ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _check(r: dict, batch: int) -> None:
     assert r["batch"] == batch and r["size"] == "tiny"
     for k in ("seconds_per_step", "images_per_s", "F_tflop", "model_tflop_per_image", "achieved_tflops",

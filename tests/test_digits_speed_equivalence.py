@@ -17,14 +17,6 @@ from distar.worlds import build_bundle
 from distar.worlds.digits import text
 
 
-@pytest.fixture()
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def bundle():
     return build_bundle(DigitsModel(), "cpu")

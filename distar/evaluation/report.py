@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..frechet import frechet_distance  # noqa: F401 - re-exported for the eval pipeline
 from ..tables import markdown_table
 
 _METHOD_ALPHA = re.compile(r"^(.+)@([-+0-9.eE]+)$")

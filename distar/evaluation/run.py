@@ -29,7 +29,8 @@ from ..prompts import Prompt, load_prompts
 from ..rewards.base import RewardClient
 from .cache import GenerationCache, slug
 from .models import EvalModel, check_eval_spec, image_seed, load_eval_model, parse_models
-from .report import category_tables, frechet_distance, markdown_table, pooled_features, reward_divergence_plot
+from ..frechet import frechet_distance
+from .report import category_tables, markdown_table, pooled_features, reward_divergence_plot
 from .scoring import DISPLAY, parse_rewards, score_images
 
 log = logging.getLogger(__name__)
