@@ -5,7 +5,8 @@ Layout of a checkpoint directory (also what `distar generate --model DIR` and se
     generator.safetensors    the EMA generator's full state dict (what gets served and registered)
     meta.json                step, metrics at save time
     train_state.pt           everything needed to resume: raw generator, fake score, both optimizers,
-                             EMA shadow, step, RNG state (absent in export-only directories)
+                             EMA shadow, step, RNG state (absent in export-only directories); only
+                             tensors and plain python values, so it loads with `weights_only=True`
 
 A directory is written under a temporary name and renamed into place, so a crash mid-write never leaves
 a half checkpoint where a resume would find it. `latest` (a one-line file) names the newest complete one.
@@ -26,6 +27,7 @@ from torch import nn
 
 from .bundle import unwrap
 from .ema import EMA
+from .errors import UserError
 
 if TYPE_CHECKING:
     from .train_step import TrainState
@@ -34,6 +36,10 @@ GENERATOR_FILE = "generator.safetensors"
 STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read (truncated, corrupted, not distar's) or written (disk full)."""
 
 
 def _contiguous_cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,8 +122,17 @@ def load_generator_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def load_train_state(ckpt_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(Path(ckpt_dir) / STATE_FILE, map_location=map_location, weights_only=False)
+def load_train_state(ckpt_dir: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """The resume state of a checkpoint. `weights_only=True`: tensors and plain values only, so a file from
+    someone else cannot run code; anything else is refused with a CheckpointError naming the file."""
+    path = Path(ckpt_dir) / STATE_FILE
+    try:
+        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+    except Exception as err:  # UnpicklingError (refused object), RuntimeError/EOFError (truncated zip), ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a loadable training state ({type(err).__name__}: {reason[:300]}); it is "
+                              f"truncated, corrupted or not written by distar (it is loaded with weights_only=True, "
+                              f"so no pickled code in it was run)") from None
 
 
 def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:

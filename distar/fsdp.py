@@ -191,7 +191,7 @@ class FSDPStateIO(StateIO):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
-        saved = torch.load(Path(ckpt_dir) / ckpt.STATE_FILE, map_location="cpu", mmap=True, weights_only=False)
+        saved = ckpt.load_train_state(ckpt_dir, map_location="cpu", mmap=True)
         opts = StateDictOptions(full_state_dict=True)
         for net, opt, key, opt_key in ((state.generator, state.generator_opt, "generator", "generator_opt"),
                                        (state.fake_score, state.fake_opt, "fake_score", "fake_opt")):
