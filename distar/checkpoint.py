@@ -162,9 +162,9 @@ class StateIO:
         """(EMA generator state dict, resume state) as full tensors; what rank 0 gets is written."""
         return ema_generator_state(state), state_dict_for_resume(state)
 
-    def load(self, state: "TrainState", ckpt_dir: Path) -> None:
-        """Resume from a checkpoint directory written from `gather`."""
-        load_resume_state(state, load_train_state(ckpt_dir, map_location=state.bundle.device))
+    def load(self, state: "TrainState", ckpt_dir: Path) -> dict | None:
+        """Resume from a checkpoint directory written from `gather`; returns the saved loop RNG (`restore_progress`)."""
+        return load_resume_state(state, load_train_state(ckpt_dir, map_location=state.bundle.device))
 
     def load_weights(self, net: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
         net.load_state_dict(full_state)
@@ -184,12 +184,15 @@ def resume_dict(state: "TrainState", generator: dict, fake_score: dict, generato
             "alpha_controller": state.alpha_controller.state_dict() if state.alpha_controller is not None else None}
 
 
-def restore_progress(state: "TrainState", saved: dict) -> None:
+def restore_progress(state: "TrainState", saved: dict) -> dict | None:
+    """Step, warm-up flag and controller into `state`; returns the loop's saved RNG states (None in older
+    checkpoints), which the loop restores: the step's generator and torch's global one."""
     state.step = int(saved["step"])
     state.fake_warmup_done = bool(saved.get("fake_warmup_done", True))
     if state.alpha_controller is not None and saved.get("alpha_controller") is not None:
         state.alpha_controller.load_state_dict(saved["alpha_controller"])
         state.alpha_rew = state.alpha_controller.value
+    return saved.get("rng")
 
 
 def state_dict_for_resume(state: "TrainState") -> dict:
@@ -197,13 +200,13 @@ def state_dict_for_resume(state: "TrainState") -> dict:
                        state.generator_opt.state_dict(), state.fake_opt.state_dict(), state.ema.state_dict())
 
 
-def load_resume_state(state: "TrainState", saved: dict) -> None:
+def load_resume_state(state: "TrainState", saved: dict) -> dict | None:
     unwrap(state.generator).load_state_dict(saved["generator"])
     unwrap(state.fake_score).load_state_dict(saved["fake_score"])
     state.generator_opt.load_state_dict(saved["generator_opt"])
     state.fake_opt.load_state_dict(saved["fake_opt"])
     state.ema.load_state_dict(saved["ema"])
-    restore_progress(state, saved)
+    return restore_progress(state, saved)
 
 
 def ema_generator_state(state: "TrainState") -> dict[str, torch.Tensor]:

@@ -187,7 +187,7 @@ class FSDPStateIO(StateIO):
         parts["generator_opt"], parts["fake_opt"] = _int_keyed(parts["generator_opt"]), _int_keyed(parts["fake_opt"])
         return generator_state, resume_dict(state, ema={"decay": state.ema.decay, "shadow": shadow}, **parts)
 
-    def load(self, state: TrainState, ckpt_dir: Path) -> None:
+    def load(self, state: TrainState, ckpt_dir: Path) -> dict | None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
@@ -199,7 +199,7 @@ class FSDPStateIO(StateIO):
             set_model_state_dict(net, saved[key], options=opts)
             set_optimizer_state_dict(net, opt, _name_keyed(saved[opt_key], net, opt), options=opts)
         self._load_ema(state, saved["ema"])
-        restore_progress(state, saved)
+        return restore_progress(state, saved)
 
     def _load_ema(self, state: TrainState, saved: dict) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor

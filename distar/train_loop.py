@@ -146,6 +146,17 @@ class _Session:
         idx = torch.randint(len(self.prompts), (self.cfg.train.batch_size,), generator=self.rng)
         return [self.prompts[i] for i in idx.tolist()]
 
+    def rng_state(self) -> dict:
+        """This rank's randomness (the step's generator: noise, timesteps, prompt order; torch's global one),
+        so a resumed run draws what the uninterrupted one would have. Only rank 0 writes it."""
+        return {"rank": self.hooks.rank, "loop": self.rng.get_state(), "torch": torch.get_rng_state()}
+
+    def restore_rng(self, saved: dict | None) -> None:
+        """The state from `rng_state`, when it was this rank's (other ranks keep the step-seeded generator)."""
+        if saved is not None and int(saved.get("rank", -1)) == self.hooks.rank:
+            self.rng.set_state(saved["loop"])
+            torch.set_rng_state(saved["torch"])
+
     def save_best(self, metrics: dict[str, float]) -> None:
         generator_state = self.hooks.state_io.gather(self.state)[0] if self.joins else None
         if self.hooks.is_main:
@@ -158,6 +169,7 @@ class _Session:
         if self.joins:
             generator_state, train_state = self.hooks.state_io.gather(self.state)
         if self.hooks.is_main:
+            train_state = {**train_state, "rng": self.rng_state()}
             kwargs = dict(generator_state=generator_state, config_yaml=self.config_yaml,
                           meta={"step": self.state.step, "metrics": metrics}, train_state=train_state)
             path = ckpt.save_step_checkpoint(self.out_dir, self.state.step, **kwargs)
@@ -222,12 +234,13 @@ def _start(cfg: RunConfig, device: torch.device, hooks: LoopHooks, reward_client
     out_dir = Path(cfg.train.out_dir)
     torch.manual_seed(cfg.train.seed + hooks.rank)
     state = build_state(cfg, device, hooks)
-    if reward_client is None and cfg.reward.terms and cfg.loss.alpha_rew > 0:
+    if reward_client is None and cfg.reward.terms and cfg.loss.uses_reward:
         reward_client = LocalRewardClient(build_weighted_reward(cfg.reward, device))
     resume_dir = resume_dir or (ckpt.latest_checkpoint(out_dir) if hooks.resume_from_out_dir else None)
+    saved_rng = None
     if resume_dir is not None:
         _check_resumable(cfg, Path(resume_dir))
-        hooks.state_io.load(state, Path(resume_dir))
+        saved_rng = hooks.state_io.load(state, Path(resume_dir))
         if hooks.is_main:
             log.info("resumed from %s at step %d", resume_dir, state.step)
     elif cfg.train.init_from is not None:
@@ -235,6 +248,7 @@ def _start(cfg: RunConfig, device: torch.device, hooks: LoopHooks, reward_client
     session = _Session(cfg, hooks, state, training_prompts(cfg, state.bundle), _seeded(cfg.train.seed, hooks.rank, state.step), out_dir,
                        dump_config(cfg), reward_client,
                        monitor=HackingMonitor(cfg.train.monitor) if cfg.train.monitor is not None else None)
+    session.restore_rng(saved_rng)
     if hooks.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(session.config_yaml)
