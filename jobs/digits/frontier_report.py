@@ -30,9 +30,13 @@ MIN_SEEDS = 3  # a winner is called only with at least this many paired seeds
 MONITOR = HackingMonitorConfig(held_out="eval/frechet", mode="min", tolerance=0.25, patience=2, action="warn")
 
 
-def monitor_replay(history: list[dict]) -> int | None:
-    """The step at which the monitor rule (MONITOR) fires on a run's logged metrics, or None."""
-    m = HackingMonitor(MONITOR)
+REPLAY_TOLERANCES = (MONITOR.tolerance, 1.0)  # the rule the reward-only run trained with, and a doubling
+NOTES = ("<!-- notes: hand-written, kept when the page is regenerated -->", "<!-- /notes -->")
+
+
+def monitor_replay(history: list[dict], tolerance: float = MONITOR.tolerance) -> int | None:
+    """The step at which the monitor rule (MONITOR, at `tolerance`) fires on a run's logged metrics, or None."""
+    m = HackingMonitor(MONITOR.model_copy(update={"tolerance": tolerance}))
     for h in history:
         if m.observe(int(h["step"]), h).triggered:
             return int(h["step"])
@@ -144,6 +148,14 @@ def _verdict(table_rows: list[dict]) -> str:
             f"(95% bootstrap intervals over seeds; a call needs {MIN_SEEDS} paired seeds).")
 
 
+def _kept_notes(page: Path) -> list[str]:
+    """The hand-written block between the NOTES markers of the existing page (empty markers if none)."""
+    text = page.read_text() if page.is_file() else ""
+    if NOTES[0] in text and NOTES[1] in text:
+        return [NOTES[0] + text.split(NOTES[0], 1)[1].split(NOTES[1], 1)[0] + NOTES[1], ""]
+    return [NOTES[0], NOTES[1], ""]
+
+
 def write_doc(docs: Path, runs: list[dict], rows: dict, front: dict, levels: list[float], runs_dir: Path,
               command: str, steps: int) -> str:
     from distar.worlds.digits.judges import markdown_table as digits_table
@@ -151,7 +163,9 @@ def write_doc(docs: Path, runs: list[dict], rows: dict, front: dict, levels: lis
     ref = rows["reference 50-step CFG"]
     table, table_rows = frontier_table(front, levels, ref, _methods(runs))
     frontier_png, gap_png, gap_stats = plots(runs, rows, runs_dir, docs)
-    fired = {r["name"]: monitor_replay(trajectory(runs_dir / r["name"])) for r in runs}
+    fired = {r["name"]: {f"fires at step (tolerance {tol:g})": monitor_replay(trajectory(runs_dir / r["name"]), tol)
+                         for tol in REPLAY_TOLERANCES} for r in runs}
+    monitor_cols = list(next(iter(fired.values())))
     final_rows = [rows["reference 50-step CFG"], rows["one-step init"]]
     for r in runs:
         if r["name"] in rows:
@@ -160,7 +174,7 @@ def write_doc(docs: Path, runs: list[dict], rows: dict, front: dict, levels: lis
                                + (f" (stopped at step {hist[-1]['step']})" if hist and hist[-1]["step"] < steps else "")})
     lines = [
         "# The digits world: DI* vs DI++ at matched fidelity", "",
-        "**Conclusion.** " + _verdict(table_rows), "",
+        "**Conclusion.** " + _verdict(table_rows), "", *_kept_notes(docs / "digits_results.md"),
         f"Every run post-trains the shipped one-step generator (with its matched fake score) for {steps} generator "
         "steps; gold boldness (mean ink, the simulated preference) is never trained on and never used to choose "
         "anything. Each cell below is gold boldness read off a method's alpha_rew sweep (final points, 1,000 "
@@ -177,11 +191,12 @@ def write_doc(docs: Path, runs: list[dict], rows: dict, front: dict, levels: lis
         + "; ".join(f"{m}: rho = {s['spearman']:.2f} ({s['points']} points)" for m, s in gap_stats.items()) + ".",
         "", f"![gap vs Frechet]({gap_png.name})", "",
         "## The reward-hacking monitor", "",
-        f"Rule: held-out `eval/frechet` worse than its best by > {MONITOR.tolerance:g} (relative) while "
+        "Rule: held-out `eval/frechet` worse than its best by more than the tolerance (relative) while "
         f"`reward/total` is above its value at the best step, for {MONITOR.patience} evaluations in a row. "
-        "The reward-only run trained with `action: stop`; every run's logged metrics replayed through the same rule:",
-        "", markdown_table([{"run": n, "monitor fires at step": "-" if s is None else s} for n, s in fired.items()],
-                           ["run", "monitor fires at step"]), "",
+        f"The reward-only run trained with `action: stop` at tolerance {MONITOR.tolerance:g}; every run's logged "
+        "metrics replayed through the same rule at that tolerance and at 1 (a doubling of the Frechet distance):",
+        "", markdown_table([{"run": n, **{c: "-" if v is None else v for c, v in s.items()}}
+                            for n, s in fired.items()], ["run", *monitor_cols]), "",
         "## Every final generator (1,000 samples, seed 0)", "", digits_table(final_rows), "",
         "## How to reproduce", "", f"    {command}", "",
         "Runs are resumable (re-running the command reuses finished runs); `--report-only` rebuilds this page.",
