@@ -3,7 +3,7 @@
 Layout of a checkpoint directory (also what `distar generate --model DIR` and serving load):
     config.yaml              the resolved RunConfig
     generator.safetensors    the EMA generator's full state dict (what gets served and registered)
-    meta.json                step, metrics at save time
+    meta.json                step, metrics at save time, the size of each other file (written last)
     train_state.pt           everything needed to resume: raw generator, fake score, both optimizers,
                              EMA shadow, step, RNG state (absent in export-only directories); only
                              tensors and plain python values, so it loads with `weights_only=True`
@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -81,9 +82,10 @@ def save_generator_dir(out: Path, generator_state: dict[str, torch.Tensor], conf
     def write(tmp: Path) -> None:
         save_file(_contiguous_cpu(generator_state), str(tmp / GENERATOR_FILE))
         (tmp / CONFIG_FILE).write_text(config_yaml)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=float))
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+        (tmp / META_FILE).write_text(json.dumps({**meta, "files": files}, indent=2, default=float))
 
     return write_atomic_dir(Path(out), write)
 
@@ -106,6 +108,32 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
             return cand
     done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
     return done[-1] if done else None
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """Checkpoint directories under `run_dir`/checkpoints that hold every file, newest first."""
+    root = Path(run_dir) / "checkpoints"
+    names = (STATE_FILE, GENERATOR_FILE, CONFIG_FILE, META_FILE)
+    found = [p for p in root.glob("step_*") if all((p / n).is_file() for n in names)] if root.is_dir() else []
+    return sorted(found, reverse=True)
+
+
+def check_complete(ckpt_dir: Path) -> dict[str, Any]:
+    """meta.json of `ckpt_dir` once every file is at the size meta.json recorded and its header reads; else
+    a CheckpointError naming the checkpoint and what is wrong (truncation shows here; a flipped bit inside
+    the tensors does not: that would need a hash of every file on every save)."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        meta = json.loads((ckpt_dir / META_FILE).read_text())
+        for name, size in meta.get("files", {}).items():
+            if (ckpt_dir / name).stat().st_size != size:
+                raise ValueError(f"{name} has {(ckpt_dir / name).stat().st_size} bytes, meta.json says {size}")
+        with safe_open(str(ckpt_dir / GENERATOR_FILE), "pt") as f:
+            f.keys()
+    except Exception as err:  # JSONDecodeError, OSError, SafetensorError, the size check
+        raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete or corrupted ({type(err).__name__}: "
+                              f"{str(err).strip()[:300]})") from None
+    return meta
 
 
 def is_model_dir(path: str | Path) -> bool:

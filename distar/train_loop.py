@@ -236,14 +236,10 @@ def _start(cfg: RunConfig, device: torch.device, hooks: LoopHooks, reward_client
     state = build_state(cfg, device, hooks)
     if reward_client is None and cfg.reward.terms and cfg.loss.uses_reward:
         reward_client = LocalRewardClient(build_weighted_reward(cfg.reward, device))
-    resume_dir = resume_dir or (ckpt.latest_checkpoint(out_dir) if hooks.resume_from_out_dir else None)
-    saved_rng = None
-    if resume_dir is not None:
-        _check_resumable(cfg, Path(resume_dir))
-        saved_rng = hooks.state_io.load(state, Path(resume_dir))
-        if hooks.is_main:
-            log.info("resumed from %s at step %d", resume_dir, state.step)
-    elif cfg.train.init_from is not None:
+    candidates = [Path(resume_dir)] if resume_dir is not None else \
+        ckpt.resume_candidates(out_dir) if hooks.resume_from_out_dir else []
+    saved_rng = _resume(cfg, state, hooks, candidates) if candidates else None
+    if not candidates and cfg.train.init_from is not None:
         ckpt.init_from_checkpoint(state, Path(cfg.train.init_from), cfg.train.ema_decay, hooks.state_io)
     session = _Session(cfg, hooks, state, training_prompts(cfg, state.bundle), _seeded(cfg.train.seed, hooks.rank, state.step), out_dir,
                        dump_config(cfg), reward_client,
@@ -258,6 +254,27 @@ def _start(cfg: RunConfig, device: torch.device, hooks: LoopHooks, reward_client
                  cfg.name, cfg.model.world, cfg.loss.divergence, cfg.loss.distance, cfg.loss.c, cfg.loss.c_scale,
                  cfg.loss.weighting, cfg.loss.alpha_rew, control, device, hooks.world_size)
     return session
+
+
+def _resume(cfg: RunConfig, state: TrainState, hooks: LoopHooks, candidates: list[Path]) -> dict | None:
+    """Load the newest of `candidates` that is complete and readable (a truncated or corrupted one is skipped
+    with a warning that names it); returns its saved RNG. None loads: a CheckpointError naming each."""
+    bad = []
+    for cand in candidates:
+        try:
+            ckpt.check_complete(cand)
+            _check_resumable(cfg, cand)
+            saved_rng = hooks.state_io.load(state, cand)
+        except ckpt.CheckpointError as err:
+            log.warning("cannot resume from %s, trying the previous checkpoint: %s", cand, err)
+            bad.append(str(err))
+            continue
+        if hooks.is_main:
+            log.info("resumed from %s at step %d", cand, state.step)
+        return saved_rng
+    raise ckpt.CheckpointError(f"no checkpoint of train.out_dir {str(cfg.train.out_dir)!r} can be resumed: "
+                               + "; ".join(bad) + ". Move the bad ones away (or choose a new train.out_dir) "
+                               "to start over")
 
 
 def training_prompts(cfg: RunConfig, bundle: ModelBundle) -> list[str]:

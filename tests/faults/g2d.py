@@ -31,3 +31,13 @@ def command(out_dir: Path, *extra: str) -> list[str]:
 
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def replace_file(ckpt_dir: Path, name: str, data: bytes) -> None:
+    """Put `data` in place of a checkpoint's file, with meta.json's recorded size to match (a careful edit)."""
+    import json
+
+    (ckpt_dir / name).write_bytes(data)
+    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    meta["files"][name] = len(data)
+    (ckpt_dir / "meta.json").write_text(json.dumps(meta))

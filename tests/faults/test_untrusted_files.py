@@ -2,6 +2,7 @@
 train_state.pt is expected is refused and never run (the marker file its __reduce__ would create stays absent)."""
 from __future__ import annotations
 
+import io
 import pickle
 
 import pytest
@@ -39,9 +40,12 @@ def test_planted_pickle_is_refused_not_run(tmp_path, writer):
     target = latest_checkpoint(run) / STATE_FILE
     marker = tmp_path / "pwned"
     if writer == "torch.save":
-        torch.save({"step": _Planted(marker)}, target)
+        buf = io.BytesIO()
+        torch.save({"step": _Planted(marker)}, buf)
+        data = buf.getvalue()
     else:
-        target.write_bytes(pickle.dumps(_Planted(marker)))
+        data = pickle.dumps(_Planted(marker))
+    g2d.replace_file(target.parent, STATE_FILE, data)  # planted with care: meta.json's sizes agree
     # the planted file would run code under the old weights_only=False (so this test can fail) ...
     if writer == "torch.save":
         torch.load(target, weights_only=False)
