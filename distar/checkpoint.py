@@ -73,8 +73,11 @@ def write_atomic_dir(final: Path, write: callable) -> Path:
 def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_generator_dir(out: Path, generator_state: dict[str, torch.Tensor], config_yaml: str,
@@ -91,10 +94,19 @@ def save_generator_dir(out: Path, generator_state: dict[str, torch.Tensor], conf
 
 
 def save_step_checkpoint(run_dir: Path, step: int, **kwargs) -> Path:
-    """checkpoints/step_XXXXXXX under `run_dir`, then point `latest` at it."""
+    """checkpoints/step_XXXXXXX under `run_dir`, then point `latest` at it. A failed write (a full disk)
+    leaves the earlier checkpoints as they were and raises a CheckpointError that says so."""
     ckpt_root = Path(run_dir) / "checkpoints"
-    path = save_generator_dir(ckpt_root / f"step_{step:07d}", **kwargs)
-    write_text_atomic(ckpt_root / "latest", path.name + "\n")
+    try:
+        path = save_generator_dir(ckpt_root / f"step_{step:07d}", **kwargs)
+        write_text_atomic(ckpt_root / "latest", path.name + "\n")
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        before = resume_candidates(run_dir)
+        kept = f"the newest complete checkpoint {before[0]} is intact: free space and run the same command again to " \
+               f"resume from it" if before else "there is no earlier checkpoint"
+        free = f"{shutil.disk_usage(ckpt_root).free / 2**20:.1f} MiB free there" if ckpt_root.is_dir() else "no directory"
+        raise CheckpointError(f"could not write the step-{step} checkpoint under {ckpt_root} ({free}; "
+                              f"{type(err).__name__}: {str(err).strip()[:300]}); {kept}") from err
     return path
 
 
