@@ -8,7 +8,8 @@ caller passes `services.reward_service.deploy_rewards`: this layer sits below se
 run, runs a `TorchTrainer` whose workers call the shared `run_training` with DDP (or FSDP2) hooks, then
 registers the EMA generator from the run's own `final/` directory. Checkpoints go through
 `ray.train.report`; re-running with the same `ray.run_name` resumes from the newest, and
-`ray.max_failures` restarts dead workers from it.
+`ray.max_failures` restarts dead workers from it: the newest complete checkpoint on the run's storage
+(`train.out_dir`), or the one Ray recorded when that is newer (`_resume_point`).
 
 Output: the workers' log lines stay in Ray's log files (`ray.log_to_driver`, default off), and the driver
 prints each logged step once, read from the run's metrics.jsonl, so Ray's own chatter does not bury it.
@@ -141,10 +142,8 @@ def _train_worker(config: dict) -> None:
         return dict(zip(keys, v))
 
     ray_ckpt = ray.train.get_checkpoint()
-    with (ray_ckpt.as_directory() if ray_ckpt is not None else nullcontext(None)) as resume_dir:
-        resumed = -1
-        if resume_dir is not None:
-            resumed = int(json.loads((Path(resume_dir) / ckpt.META_FILE).read_text())["step"])
+    with (ray_ckpt.as_directory() if ray_ckpt is not None else nullcontext(None)) as ray_dir:
+        resumed, resume_dir = _resume_point(ray_dir, Path(cfg.train.out_dir), device)
 
         def on_checkpoint(step: int, path: Path | None, metrics: dict[str, float]) -> None:
             m = {k: float(v) for k, v in metrics.items()} | {"step": step, "resumed_from_step": resumed}
@@ -163,6 +162,31 @@ def _train_worker(config: dict) -> None:
                           resume_from_out_dir=False)
         run_training(cfg, device=device, hooks=hooks, reward_client=reward_client(cfg),
                      resume_dir=Path(resume_dir) if resume_dir is not None else None)
+
+
+def _resume_point(ray_dir: str | None, out_dir: Path, device: torch.device) -> tuple[int, Path | None]:
+    """(step, directory) to resume from: the newer of the checkpoint Ray's controller hands back and the newest
+    complete one on the run's own storage (out_dir/checkpoints). A checkpoint whose files are complete is a
+    checkpoint even when the worker died before the controller recorded its report (that window opens at
+    every checkpoint). The ranks agree on the smallest of their newest steps, so a rank that cannot see
+    out_dir (another node, no shared storage) makes them all take Ray's. (-1, None): start from scratch."""
+    import torch.distributed as dist
+
+    from . import checkpoint as ckpt
+
+    options: dict[int, Path] = {}
+    for cand in ckpt.resume_candidates(out_dir):
+        try:
+            options[int(ckpt.check_complete(cand)["step"])] = cand
+            break
+        except ckpt.CheckpointError as err:
+            log.warning("not resuming from %s: %s", cand, err)
+    if ray_dir is not None:
+        options.setdefault(int(json.loads((Path(ray_dir) / ckpt.META_FILE).read_text())["step"]), Path(ray_dir))
+    newest = torch.tensor([max(options, default=-1)], device=device)
+    dist.all_reduce(newest, op=dist.ReduceOp.MIN)
+    step = int(newest.item())
+    return step, options.get(step)
 
 
 def run_on_ray(cfg: RunConfig, *, deploy_rewards: DeployRewards | None = None) -> dict:
