@@ -119,6 +119,18 @@ class LossConfig(_Frozen):
     t_max: int = Field(980, ge=0)
     fake_t_min: int = Field(0, ge=0)
     fake_t_max: int = Field(999, ge=0)
+    reward_mode: Literal["x0", "diffused"] = Field(
+        "x0", description="x0 = the reward term alpha_rew * L_rew on the clean image (DI*, DI++); diffused = DIDR: "
+                          "no x0 term, the divergence's target becomes e_ref - sigma_t s_r with the diffused reward "
+                          "proxy s_r (distar/diffused_reward.py), towards p_ref exp(r / beta)")
+    drp_steps: int = Field(1, ge=1, description="K: deterministic reference (DDIM) steps of the diffused reward proxy "
+                                                "from x_t to x0 (reward_mode=diffused)")
+    beta: Optional[float] = Field(
+        None, gt=0.0, description="temperature of the reward tilt p_ref exp(r / beta) (reward_mode=diffused); "
+                                  "None = 1 / alpha_rew (the current one under alpha_control). When set, alpha_rew "
+                                  "is not used")
+    drp_checkpoint: bool = Field(False, description="gradient checkpointing through the K proxy steps (recompute "
+                                                    "each in the backward pass: one network's activations held, not K)")
 
     @model_validator(mode="after")
     def _ranges(self) -> "LossConfig":
@@ -130,6 +142,7 @@ class LossConfig(_Frozen):
             raise ValueError(f"loss.weighting='score' is the pseudo-Huber score divergence in score units: it needs "
                              f"loss.divergence='score' and loss.distance='pseudo_huber' (got {self.divergence!r}, "
                              f"{self.distance!r})")
+        self._reward_mode_rules()
         ctl = self.alpha_control
         if ctl is not None:
             if self.divergence == "none":
@@ -140,6 +153,27 @@ class LossConfig(_Frozen):
                                  f"and must lie in [alpha_control.alpha_min, alpha_control.alpha_max] = "
                                  f"[{ctl.alpha_min}, {ctl.alpha_max}]")
         return self
+
+    def _reward_mode_rules(self) -> None:
+        if self.reward_mode == "x0":
+            if self.drp_steps != 1 or self.beta is not None or self.drp_checkpoint:
+                raise ValueError("loss.drp_steps, loss.beta and loss.drp_checkpoint belong to "
+                                 "loss.reward_mode='diffused'; with reward_mode='x0' leave them at their defaults")
+            return
+        if self.divergence == "none":
+            raise ValueError("loss.reward_mode='diffused' puts the reward into the divergence's target: it needs "
+                             "loss.divergence 'kl' (DIDR) or 'score', not 'none'")
+        if self.beta is None and self.alpha_rew <= 0:
+            raise ValueError("loss.beta: loss.reward_mode='diffused' needs loss.beta > 0 (or loss.alpha_rew > 0, "
+                             "read as 1 / beta)")
+        if self.beta is not None and self.alpha_control is not None:
+            raise ValueError("loss.beta is fixed but loss.alpha_control adapts alpha_rew, which reward_mode="
+                             "'diffused' only uses as 1 / beta when loss.beta is None: drop one of them")
+
+    @property
+    def uses_reward(self) -> bool:
+        """Whether a step needs the reward client: the x0 term (alpha_rew > 0) or the diffused reward proxy."""
+        return self.alpha_rew > 0 or self.reward_mode == "diffused"
 
 
 class HackingMonitorConfig(_Frozen):
@@ -254,6 +288,8 @@ class RunConfig(_Frozen):
             raise ValueError("loss.divergence='none' with loss.alpha_rew=0 trains nothing: set one of them")
         if self.loss.alpha_rew > 0 and not self.reward.terms:
             raise ValueError("loss.alpha_rew > 0 needs at least one entry in reward.terms")
+        if self.loss.reward_mode == "diffused" and not self.reward.terms:
+            raise ValueError("loss.reward_mode='diffused' needs at least one entry in reward.terms")
         if self.prompts and self.prompts_file:
             raise ValueError("give either prompts or prompts_file, not both")
         if self.mlflow.registered_model is not None and not self.mlflow.enabled:

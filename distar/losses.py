@@ -10,6 +10,11 @@ Which parts are detached is the whole point:
   to the generator's scale parameters (tests/test_gradient_identities.py shows it).
 - kl_divergence_loss and reward_surrogate_loss stop-gradient their direction (sg(.)) and differentiate only
   through the sample they are paired with.
+
+The divergences measure the fake score against a *target* epsilon, passed as `eps_ref`: the reference's own
+(DI*, DI++, SIM), or one a reward-correction plug-in has corrected, e_target = e_ref - sigma_t * s_r
+(`reward_corrected_eps`; DIDR's diffused reward proxy s_r comes from `distar.diffused_reward`). The loss
+functions do not know which they were given.
 """
 from __future__ import annotations
 
@@ -104,7 +109,8 @@ def score_divergence_loss(eps_fake: torch.Tensor, eps_ref: torch.Tensor, eps: to
 
     Args:
         eps_fake: [B, ...] fake-score epsilon at x_t (fake params frozen, x_t attached to the generator).
-        eps_ref:  [B, ...] reference epsilon with CFG at x_t (params frozen, x_t attached).
+        eps_ref:  [B, ...] target epsilon at x_t: the reference's with CFG (params frozen, x_t attached), or a
+                  reward-corrected one from `reward_corrected_eps` (DIDR's target).
         eps:      [B, ...] the noise that made x_t = alpha_t x0 + sigma_t eps.
         c:        pseudo-Huber constant (> 0), in epsilon units over a whole sample: a float (the same for
                   every sample) or a per-sample tensor [B] (e.g. c_t = c * sigma_t from `effective_c` for the
@@ -133,13 +139,31 @@ def kl_divergence_loss(eps_fake: torch.Tensor, eps_ref: torch.Tensor, x_t: torch
     """DI++ / Diff-Instruct KL surrogate, per sample [B]: -<sg(eps_fake - eps_ref), x_t> / sigma_t.
 
     Its gradient through x_t is E[(s_theta - s_ref)^T dx_t/dtheta], the gradient of KL(p_theta,t || p_ref,t).
-    sigma: [B] tensor or a float.
+    eps_ref is the target epsilon: the reference's, or `reward_corrected_eps(...)` for KL(p_theta,t || p*_t)
+    towards the reward-tilted reference (DIDR). sigma: [B] tensor or a float.
     """
     direction = (eps_fake - eps_ref).detach()
     sigma = torch.as_tensor(sigma, dtype=x_t.dtype, device=x_t.device)
     if sigma.dim() == 0:
         sigma = sigma.expand(x_t.shape[0])
     return -_per_sample_dot(direction, x_t) / sigma
+
+
+def reward_corrected_eps(eps_ref: torch.Tensor, sigma: torch.Tensor | float,
+                         reward_score: torch.Tensor) -> torch.Tensor:
+    """The target epsilon of a reward-tilted reference: e_target = e_ref - sigma_t * sg(s_r), shape of eps_ref.
+
+    s* = s_ref + s_r in score units (s = -eps / sigma_t). eps_ref keeps its graph to x_t (the divergences
+    differentiate through the networks' inputs); the correction s_r is a detached target.
+    sigma: [B] tensor or a float.
+    """
+    if reward_score.shape != eps_ref.shape:
+        raise ValueError(f"reward_corrected_eps: reward_score {tuple(reward_score.shape)} and eps_ref "
+                         f"{tuple(eps_ref.shape)} must have the same shape")
+    sigma = torch.as_tensor(sigma, dtype=eps_ref.dtype, device=eps_ref.device)
+    if sigma.dim() == 1:
+        sigma = _bcast(sigma, eps_ref)
+    return eps_ref - sigma * reward_score.detach().to(eps_ref.dtype)
 
 
 def reward_surrogate_loss(image: torch.Tensor, reward_grad: torch.Tensor) -> torch.Tensor:

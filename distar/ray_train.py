@@ -71,7 +71,7 @@ def _check_capacity(cfg: RunConfig) -> None:
     if os.environ.get("DISTAR_SKIP_CAPACITY_CHECK") == "1":  # autoscaling clusters grow on demand
         return
     res = ray.cluster_resources()
-    serve = cfg.reward.backend == "serve" and cfg.loss.alpha_rew > 0
+    serve = cfg.reward.backend == "serve" and cfg.loss.uses_reward
     replicas = len(cfg.reward.terms) * (cfg.reward.max_replicas or cfg.reward.num_replicas) if serve else 0
     for kind, per_worker, per_replica in (("CPU", cfg.ray.cpus_per_worker, cfg.reward.replica_cpus),
                                           ("GPU", cfg.ray.gpus_per_worker, cfg.reward.replica_gpus)):
@@ -87,7 +87,7 @@ def _check_capacity(cfg: RunConfig) -> None:
 def reward_client(cfg: RunConfig):
     """The one reward-client factory: Serve deployments (reward.backend=serve), else None (the loop builds
     the rewards in process)."""
-    if cfg.reward.backend != "serve" or cfg.loss.alpha_rew <= 0:
+    if cfg.reward.backend != "serve" or not cfg.loss.uses_reward:
         return None
     from .remote_reward import RemoteRewardClient
 
@@ -207,7 +207,7 @@ def run_on_ray(cfg: RunConfig, *, deploy_rewards: DeployRewards | None = None) -
 
             uri = tracking.tracking_uri(cfg.mlflow)
             run_id = tracking.start_run(uri, cfg, dump_config(cfg), cfg.ray.run_name)
-        if cfg.reward.backend == "serve" and cfg.loss.alpha_rew > 0 and deploy_rewards is not None:
+        if cfg.reward.backend == "serve" and cfg.loss.uses_reward and deploy_rewards is not None:
             deployed = deploy_rewards(cfg.reward)
         with _echo_progress(cfg):
             summary = _fit(cfg, uri, run_id) if cfg.ray.num_workers > 0 else _in_driver(cfg, uri, run_id)

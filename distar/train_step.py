@@ -10,6 +10,11 @@ Generator loss (per sample, then averaged):
                                  or nothing ('none');
   + alpha_rew * L_rew            with L_rew = `losses.reward_surrogate_loss(Dec(x0), grad_r)`; alpha_rew is
                                  `loss.alpha_rew`, or the `reward_weight.AlphaController`'s current value.
+With loss.reward_mode='diffused' (DIDR) the L_rew term is off: the divergence measures e_fake against the
+reward-corrected target e_ref - sigma_t s_r (`losses.reward_corrected_eps`), s_r the diffused reward proxy of
+`distar.diffused_reward` with temperature loss.beta (None: 1/alpha_rew); the reward client supplies its
+image gradient exactly as for L_rew. gen/score_gap stays the gap to the reference; gen/target_gap is the gap
+to the corrected target; reward/drp_* are the rewards of the K-step denoised images the proxy scored.
 
 Metrics of the score gap g_i = ||e_fake - e_ref||_i (per sample, epsilon units), next to c:
     gen/score_gap, gen/c_eff (mean effective c), gen/gap_over_c (mean g_i / c_eff,i: << 1 is the L2 regime of
@@ -27,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import diffusion, losses
+from . import diffused_reward, diffusion, losses
 from .bundle import ModelBundle, unwrap
 from .config import LossConfig
 from .ema import EMA
@@ -133,9 +138,14 @@ def finalize_interval_metrics(averaged: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# A reward-correction plug-in: (x_t, t, sigma_t, e_ref) -> (target epsilon, metrics)
+TargetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                    tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
 def _divergence(bundle: ModelBundle, fake: nn.Module, x0: torch.Tensor, cond: Any, loss_cfg: LossConfig,
-                rng: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """mean_i lambda(t_i) * L_div_i and the score-gap metrics."""
+                rng: torch.Generator, target: TargetFn | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """mean_i lambda(t_i) * L_div_i and the score-gap metrics; `target` corrects e_ref (None: the reference)."""
     n = x0.shape[0]
     t = diffusion.sample_timesteps(n, loss_cfg.t_min, loss_cfg.t_max, rng, x0.device)
     alpha, sigma = diffusion.alpha_sigma(bundle.alphas_cumprod, t)
@@ -143,18 +153,45 @@ def _divergence(bundle: ModelBundle, fake: nn.Module, x0: torch.Tensor, cond: An
     x_t = diffusion.add_noise(x0, eps, alpha, sigma)
     e_f = bundle.eps_fake(fake, x_t, t, cond)
     e_r = bundle.eps_ref(x_t, t, cond)
+    e_tgt, target_metrics = target(x_t, t, sigma, e_r) if target is not None else (e_r, {})
     lam = diffusion.time_weight(loss_cfg.weighting, alpha, sigma).to(x0.dtype)
     c_eff = losses.effective_c(loss_cfg.c, loss_cfg.c_scale, x0[0].numel(), sigma=sigma,
                                weighting=loss_cfg.weighting)
     if loss_cfg.divergence == "score":
-        per = losses.score_divergence_loss(e_f, e_r, eps, c=c_eff, distance=loss_cfg.distance, full=loss_cfg.full)
+        per = losses.score_divergence_loss(e_f, e_tgt, eps, c=c_eff, distance=loss_cfg.distance, full=loss_cfg.full)
     else:
-        per = losses.kl_divergence_loss(e_f, e_r, x_t, sigma.to(x_t.dtype))
+        per = losses.kl_divergence_loss(e_f, e_tgt, x_t, sigma.to(x_t.dtype))
     div = (lam * per).mean()
     with torch.no_grad():
         gap = (e_f - e_r).float().pow(2).flatten(1).sum(1).sqrt()
-        metrics = {"gen/div_loss": div.detach(), "gen/score_gap": gap.mean(), **gap_metrics(gap, t, c_eff)}
+        metrics = {"gen/div_loss": div.detach(), "gen/score_gap": gap.mean(), **gap_metrics(gap, t, c_eff),
+                   **target_metrics}
+        if target is not None:
+            metrics["gen/target_gap"] = (e_f - e_tgt).float().pow(2).flatten(1).sum(1).sqrt().mean()
     return div, metrics
+
+
+def diffused_reward_target(bundle: ModelBundle, cond: Any, prompts: Sequence[str], reward: RewardClient,
+                           loss_cfg: LossConfig, beta: float) -> TargetFn:
+    """DIDR's plug-in: e_target = e_ref - sigma_t * s_r, with s_r the K-step diffused reward proxy
+    (`diffused_reward.diffused_reward_score`) whose image gradient comes from `reward`, as for the x0 term."""
+    def target(x_t, t, sigma, e_r):
+        outs = []
+
+        def reward_grad(image: torch.Tensor) -> torch.Tensor:
+            outs.append(reward.submit(image, prompts, with_grad=True).result())
+            return outs[-1].grad.to(image.device)
+
+        s_r = diffused_reward.diffused_reward_score(
+            x_t, t, eps_fn=lambda x, tau: bundle.eps_ref(x, tau, cond), decode=bundle.decode,
+            reward_grad=reward_grad, alphas_cumprod=bundle.alphas_cumprod, steps=loss_cfg.drp_steps, beta=beta,
+            checkpoint=loss_cfg.drp_checkpoint)
+        out = outs[0]
+        metrics = {"reward/drp_total": out.total.float().mean(), "reward/beta": torch.tensor(float(beta)),
+                   "reward/drp_score_norm": s_r.float().flatten(1).norm(dim=1).mean(),
+                   **{f"reward/drp_{k}": v.float().mean() for k, v in out.parts.items()}}
+        return losses.reward_corrected_eps(e_r, sigma, s_r), metrics
+    return target
 
 
 def generator_loss(bundle: ModelBundle, generator: nn.Module, fake: nn.Module, cond: Any,
@@ -173,14 +210,20 @@ def generator_loss(bundle: ModelBundle, generator: nn.Module, fake: nn.Module, c
 
     pending = None
     image = None
-    if alpha > 0:
+    target = None
+    if loss_cfg.reward_mode == "diffused":
+        if reward is None:
+            raise ValueError("loss.reward_mode='diffused' but no reward client was given to the training step")
+        beta = loss_cfg.beta if loss_cfg.beta is not None else 1.0 / alpha
+        target = diffused_reward_target(bundle, cond, prompts, reward, loss_cfg, beta)
+    elif alpha > 0:
         if reward is None:
             raise ValueError("loss.alpha_rew > 0 but no reward client was given to the training step")
         image = bundle.decode(x0)
         pending = reward.submit(image.detach(), prompts, with_grad=True)  # overlaps with the divergence below
 
     if loss_cfg.divergence != "none":
-        div, div_metrics = _divergence(bundle, fake, x0, cond, loss_cfg, rng)
+        div, div_metrics = _divergence(bundle, fake, x0, cond, loss_cfg, rng, target)
         total = total + div
         metrics.update(div_metrics)
 

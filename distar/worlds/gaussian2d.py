@@ -29,19 +29,48 @@ def mode_means() -> torch.Tensor:
 
 
 def gmm_eps(x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, means: torch.Tensor,
-            std: float) -> torch.Tensor:
+            std: float, log_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Exact epsilon-prediction -sigma_t * grad log p_t(x_t) for per-sample isotropic GMMs.
 
-    x_t: [B, D]; alpha, sigma: [B]; means: [B, M, D] (equal weights); returns [B, D].
-    p_t = mean_m N(alpha mu_m, (alpha^2 std^2 + sigma^2) I).
+    x_t: [B, D]; alpha, sigma: [B]; means: [B, M, D]; log_weights: [B, M] or [M] (normalised or not; None =
+    equal weights); returns [B, D].  p_t = sum_m w_m N(alpha mu_m, (alpha^2 std^2 + sigma^2) I).
     """
     a, s = alpha[:, None, None], sigma[:, None, None]
     var = a.squeeze(-1) ** 2 * std ** 2 + s.squeeze(-1) ** 2           # [B, 1]
     diff = x_t[:, None, :] - a * means                                  # [B, M, D]
     logw = -0.5 * diff.pow(2).sum(-1) / var                             # [B, M]
+    if log_weights is not None:
+        logw = logw + log_weights
     resp = torch.softmax(logw, dim=-1)
     score = -(resp[..., None] * diff).sum(1) / var                      # [B, D]
     return -sigma[:, None] * score
+
+
+def tilt_linear(means: torch.Tensor, std: float, w: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward-tilted mixture p*_0 ∝ p_ref exp(w·x / beta) of an equal-weight isotropic GMM, exactly.
+
+    Each component N(mu_k, std^2 I) times exp(w·x/beta) is again N(mu_k + std^2 w / beta, std^2 I), its mass
+    scaled by exp(w·mu_k / beta + std^2 |w|^2 / (2 beta^2)). means: [..., M, D]; w: [D].
+    Returns (tilted means [..., M, D], normalised log weights [..., M]).
+    """
+    w = w.to(means.dtype)
+    logits = means @ w / beta + std ** 2 * (w @ w) / (2 * beta ** 2)
+    return means + std ** 2 * w / beta, torch.log_softmax(logits, dim=-1)
+
+
+def tilted_diffused_reward_score(x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, means: torch.Tensor,
+                                 std: float, w: torch.Tensor, beta: float) -> torch.Tensor:
+    """The exact diffused reward score s*_t - s_ref,t [B, D] for the linear reward w·x (means: [B, M, D])."""
+    t_means, t_logw = tilt_linear(means, std, w, beta)
+    e_star = gmm_eps(x_t, alpha, sigma, t_means, std, t_logw)
+    return (gmm_eps(x_t, alpha, sigma, means, std) - e_star) / sigma[:, None]
+
+
+def sample_gmm(means: torch.Tensor, log_weights: torch.Tensor, std: float, n: int,
+               generator: torch.Generator) -> torch.Tensor:
+    """n exact samples [n, D] of sum_m softmax(log_weights)_m N(means_m, std^2 I); means [M, D] (CPU)."""
+    comp = torch.multinomial(torch.softmax(log_weights.float(), -1), n, replacement=True, generator=generator)
+    return means[comp] + std * torch.randn(n, means.shape[-1], generator=generator, dtype=means.dtype)
 
 
 def parse_prompts(prompts: Sequence[str]) -> torch.Tensor:
@@ -108,6 +137,17 @@ class RegionReward(nn.Module):
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return torch.sigmoid(4.0 * images.reshape(images.shape[0], -1)[:, 0])
+
+
+class LinearReward(nn.Module):
+    """r(x) = w·x: the reward whose tilt of the GMM reference stays a GMM (`tilt_linear`)."""
+
+    def __init__(self, w: Sequence[float]):
+        super().__init__()
+        self.register_buffer("w", torch.tensor(list(w), dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return images.reshape(images.shape[0], -1) @ self.w.to(images.dtype)
 
 
 def build_region_reward(path, device) -> nn.Module:
