@@ -18,6 +18,7 @@ COMMANDS = {
     "generate": "distar.commands.generate",
     "eval": "distar.commands.evaluate",
     "serve": "distar.commands.serve",
+    "register": "distar.commands.register",
 }
 
 

@@ -217,7 +217,10 @@ def run_on_ray(cfg: RunConfig, *, deploy_rewards: DeployRewards | None = None) -
         ok = True
     finally:
         if run_id is not None:
-            tracking.finish_run(uri, run_id, ok)
+            try:
+                tracking.finish_run(uri, run_id, ok)
+            except Exception as err:  # the tracking server is gone: the run's outcome is already decided
+                log.warning("could not mark MLflow run %s %s at %s: %s", run_id, "finished" if ok else "failed", uri, err)
         if deployed:
             from ray import serve
 
@@ -232,12 +235,19 @@ def run_on_ray(cfg: RunConfig, *, deploy_rewards: DeployRewards | None = None) -
 
 
 def _register(cfg: RunConfig, uri: str, run_id: str, final_dir: Path) -> dict:
-    """The one registration path: the run's own final/ directory (already on storage), never a Ray download."""
+    """The one registration path: the run's own final/ directory (already on storage), never a Ray download.
+    When MLflow cannot take it, the model stays in final/ and the error gives the command for later."""
     if not cfg.mlflow.registered_model:
         return {}
-    from .tracking import register_generator
+    from .tracking import RegistrationError, register_command, register_generator
 
-    return register_generator(uri, run_id, final_dir, cfg.mlflow.registered_model, cfg.mlflow.alias)
+    try:
+        return register_generator(uri, run_id, final_dir, cfg.mlflow.registered_model, cfg.mlflow.alias)
+    except Exception as err:  # the server is gone, the store is full, ...: training itself is done
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise RegistrationError(f"training finished and the model is in {final_dir}, but registering it as "
+                                f"{cfg.mlflow.registered_model!r} in MLflow at {uri} failed ({type(err).__name__}: "
+                                f"{reason}). Register it later with: {register_command(cfg.train.out_dir, uri)}") from err
 
 
 @contextmanager

@@ -5,6 +5,11 @@
     log = RunLogger(uri, run_id); log.metrics(step, {...}); log.images(step, images)      # rank 0
     finish_run(uri, run_id, ok=True)
     register_generator(uri, run_id, checkpoint_dir, "distar-digits", "champion")  # -> models:/distar-digits@champion
+    register_run(run_dir)                                  # later, from a finished run's final/ (`distar register`)
+
+A tracking server that goes away mid-run costs one warning: `RunLogger` then stops sending (the numbers stay
+in the run's metrics.jsonl) and training goes on. A registration that fails leaves the model in final/ and
+raises a RegistrationError that gives the `distar register` command for later.
 
 A re-run with the same run name continues the same MLflow run (found by the tag `distar.run_name`). The
 registered model is a pyfunc whose artifact is the exported checkpoint directory (config.yaml +
@@ -14,6 +19,8 @@ the same code as a local checkpoint (distar.model_registry).
 from __future__ import annotations
 
 import json
+import logging
+import shlex
 import shutil
 import tempfile
 import time
@@ -21,13 +28,19 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIG_FILE, GENERATOR_FILE, META_FILE
+from .checkpoint import CONFIG_FILE, GENERATOR_FILE, META_FILE, is_model_dir
+from .errors import UserError
 from .images import grid, save_grid_png
 from .model_registry import tracking_uri  # noqa: F401 - the URI rule lives with the registry
 
 RUN_NAME_TAG = "distar.run_name"
 MODEL_ARTIFACT = "generator"
 PIP_REQUIREMENTS = ["distar", "torch", "safetensors", "diffusers", "pyyaml", "pydantic"]
+log = logging.getLogger(__name__)
+
+
+class RegistrationError(UserError):
+    """The generator could not be registered; the message says where it is and how to register it later."""
 
 
 def mlflow_client(uri: str):
@@ -85,10 +98,23 @@ def finish_run(uri: str, run_id: str, ok: bool) -> None:
 
 
 class RunLogger:
-    """Metrics and image grids of one run (use on rank 0 only)."""
+    """Metrics and image grids of one run (use on rank 0 only). The first failure to reach the tracking
+    server is one warning; after it nothing more is sent, and training is never stopped by tracking."""
 
     def __init__(self, uri: str, run_id: str):
-        self.client, self.run_id = mlflow_client(uri), run_id
+        self.client, self.run_id, self.uri = mlflow_client(uri), run_id, uri
+        self.gone = False
+
+    def _send(self, what: str, step: int, send) -> None:
+        if self.gone:
+            return
+        try:
+            send()
+        except Exception as err:  # MlflowException, requests' errors, OSError: the server is not there
+            self.gone = True
+            log.warning("MLflow at %s failed at step %d (%s: %s); %s and all later metrics and images are not sent "
+                        "to it (metrics stay in the run's metrics.jsonl); training continues", self.uri, step,
+                        type(err).__name__, str(err).strip().splitlines()[0][:200] if str(err).strip() else "", what)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -96,9 +122,12 @@ class RunLogger:
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, int(step)) for k, v in values.items() if k != "step"]
         for i in range(0, len(ms), 200):
-            self.client.log_batch(self.run_id, metrics=ms[i:i + 200])
+            self._send("these", step, lambda batch=ms[i:i + 200]: self.client.log_batch(self.run_id, metrics=batch))
 
     def images(self, step: int, images: torch.Tensor) -> None:
+        self._send("this image", step, lambda: self._images(step, images))
+
+    def _images(self, step: int, images: torch.Tensor) -> None:
         """A grid of `images` as MLflow's step-indexed image (the UI shows it per step); 2-D points as a plot."""
         if images.dim() == 2:
             with tempfile.TemporaryDirectory() as tmp:
@@ -152,3 +181,29 @@ def register_generator(uri: str, run_id: str, checkpoint_dir: Path, name: str, a
     client.set_registered_model_alias(name, alias, version.version)
     return {"registered_model": name, "version": str(version.version), "alias": alias,
             "model_uri": f"models:/{name}@{alias}"}
+
+
+def register_command(run_dir: str | Path, uri: str) -> str:
+    """The shell command that registers a finished run's final/ later."""
+    return f"distar register --run-dir {shlex.quote(str(run_dir))} --tracking-uri {shlex.quote(uri)}"
+
+
+def register_run(run_dir: str | Path, uri: str | None = None, name: str | None = None,
+                 alias: str | None = None) -> dict[str, str]:
+    """Register `run_dir`/final (a finished `distar train` run) under its MLflow run (found by run name, or
+    created), with the name and alias of the run's config unless given."""
+    from .config import dump_config, load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file() or not is_model_dir(run_dir / "final"):
+        raise RegistrationError(f"{run_dir}: not a finished run (expected its train.out_dir, holding {CONFIG_FILE} "
+                                f"and final/ with {GENERATOR_FILE})")
+    cfg = load_config(run_dir / CONFIG_FILE)
+    uri = uri or tracking_uri(cfg.mlflow)
+    name, alias = name or cfg.mlflow.registered_model, alias or cfg.mlflow.alias
+    if not name:
+        raise RegistrationError(f"{run_dir}: its config sets no mlflow.registered_model; pass --name")
+    run_id = start_run(uri, cfg, dump_config(cfg), cfg.ray.run_name or cfg.name)
+    out = register_generator(uri, run_id, run_dir / "final", name, alias)
+    finish_run(uri, run_id, ok=True)
+    return {"run_dir": str(run_dir), "mlflow_run_id": run_id, **out}
