@@ -214,6 +214,9 @@ def generator_loss(bundle: ModelBundle, generator: nn.Module, fake: nn.Module, c
     if loss_cfg.reward_mode == "diffused":
         if reward is None:
             raise ValueError("loss.reward_mode='diffused' but no reward client was given to the training step")
+        if loss_cfg.beta is None and not alpha > 0:
+            raise ValueError(f"loss.reward_mode='diffused' with loss.beta unset reads beta as 1 / alpha_rew, but this "
+                             f"step's alpha_rew is {alpha}")
         beta = loss_cfg.beta if loss_cfg.beta is not None else 1.0 / alpha
         target = diffused_reward_target(bundle, cond, prompts, reward, loss_cfg, beta)
     elif alpha > 0:

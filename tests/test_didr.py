@@ -171,3 +171,7 @@ def test_diffused_step_runs_with_metrics_and_beta_from_alpha_rew(one_thread):
     assert st.step == 1 and torch.isfinite(m2["gen/loss"])
     with pytest.raises(ValueError, match="reward_mode='diffused' but no reward client"):
         _gen_grads(cfg, st, None)
+    with pytest.raises(ValueError, match="reads beta as 1 / alpha_rew, but this step's alpha_rew is 0"):
+        fake = st.fake_score
+        generator_loss(st.bundle, st.generator, fake, st.bundle.encode_prompts(["class 0"]), ["class 0"], cfg.loss,
+                       client, torch.Generator().manual_seed(0), alpha_rew=0.0)
