@@ -141,6 +141,11 @@ def _train_worker(config: dict) -> None:
         v = (v / world).cpu()
         return dict(zip(keys, v))
 
+    def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(t, device=device) for _ in range(world)]
+        dist.all_gather(out, t.to(device))
+        return [o.cpu() for o in out]
+
     ray_ckpt = ray.train.get_checkpoint()
     with (ray_ckpt.as_directory() if ray_ckpt is not None else nullcontext(None)) as ray_dir:
         resumed, resume_dir = _resume_point(ray_dir, Path(cfg.train.out_dir), device)
@@ -155,7 +160,7 @@ def _train_worker(config: dict) -> None:
         # with FSDP every rank joins the image grid's forward, so every rank needs the hook (a no-op on rank > 0)
         images = bool(config.get("mlflow_run_id")) and (logger is not None or cfg.ray.strategy == "fsdp")
         hooks = LoopHooks(rank=rank, world_size=world, reduce_metrics=reduce_metrics, **strategy,
-                          reduce_signal=lambda v: reduce_metrics({"signal": v})["signal"],
+                          reduce_signal=lambda v: reduce_metrics({"signal": v})["signal"], all_gather=all_gather,
                           on_log=(lambda s, m: logger.metrics(s, m)) if logger else None,
                           on_images=(lambda s, im: logger and logger.images(s, im)) if images else None,
                           on_checkpoint=on_checkpoint, barrier=dist.barrier, progress=False,

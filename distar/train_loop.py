@@ -53,6 +53,7 @@ class LoopHooks:
     on_images: Callable[[int, torch.Tensor], None] | None = None  # rank 0; every rank if state_io.collective
     barrier: Callable[[], None] = lambda: None
     reduce_signal: Callable[[torch.Tensor], torch.Tensor] | None = None  # the alpha controller's, across ranks
+    all_gather: Callable[[torch.Tensor], list[torch.Tensor]] | None = None  # every rank's CPU tensor (RNG states)
     progress: bool = True
     resume_from_out_dir: bool = True  # False under Ray Train: resume only from the checkpoint Ray hands back
 
@@ -146,16 +147,20 @@ class _Session:
         idx = torch.randint(len(self.prompts), (self.cfg.train.batch_size,), generator=self.rng)
         return [self.prompts[i] for i in idx.tolist()]
 
-    def rng_state(self) -> dict:
-        """This rank's randomness (the step's generator: noise, timesteps, prompt order; torch's global one),
-        so a resumed run draws what the uninterrupted one would have. Only rank 0 writes it."""
-        return {"rank": self.hooks.rank, "loop": self.rng.get_state(), "torch": torch.get_rng_state()}
+    def rng_states(self) -> dict:
+        """Every rank's randomness (the step's generator: noise, timesteps, prompt order; torch's global one),
+        so a resumed run draws what the uninterrupted one would have. A collective with `hooks.all_gather`."""
+        loop = self.rng.get_state()
+        mine = torch.cat([loop, torch.get_rng_state()])
+        every = self.hooks.all_gather(mine) if self.hooks.all_gather is not None else [mine]
+        return {"loop": [t[:loop.numel()].clone() for t in every], "torch": [t[loop.numel():].clone() for t in every]}
 
     def restore_rng(self, saved: dict | None) -> None:
-        """The state from `rng_state`, when it was this rank's (other ranks keep the step-seeded generator)."""
-        if saved is not None and int(saved.get("rank", -1)) == self.hooks.rank:
-            self.rng.set_state(saved["loop"])
-            torch.set_rng_state(saved["torch"])
+        """This rank's states from `rng_states`, when the checkpoint has one per rank of this world (else the
+        step-seeded generator stays: a checkpoint from before RNG states were saved, or another world size)."""
+        if saved is not None and len(saved.get("loop", [])) == self.hooks.world_size:
+            self.rng.set_state(saved["loop"][self.hooks.rank])
+            torch.set_rng_state(saved["torch"][self.hooks.rank])
 
     def save_best(self, metrics: dict[str, float]) -> None:
         generator_state = self.hooks.state_io.gather(self.state)[0] if self.joins else None
@@ -166,10 +171,11 @@ class _Session:
 
     def save(self, final: bool, metrics: dict[str, float]) -> Path | None:
         generator_state = train_state = path = None
+        rng = self.rng_states()
         if self.joins:
             generator_state, train_state = self.hooks.state_io.gather(self.state)
         if self.hooks.is_main:
-            train_state = {**train_state, "rng": self.rng_state()}
+            train_state = {**train_state, "rng": rng}
             kwargs = dict(generator_state=generator_state, config_yaml=self.config_yaml,
                           meta={"step": self.state.step, "metrics": metrics}, train_state=train_state)
             path = ckpt.save_step_checkpoint(self.out_dir, self.state.step, **kwargs)
