@@ -7,9 +7,10 @@
     register_generator(uri, run_id, checkpoint_dir, "distar-digits", "champion")  # -> models:/distar-digits@champion
     register_run(run_dir)                                  # later, from a finished run's final/ (`distar register`)
 
-A tracking server that goes away mid-run costs one warning: `RunLogger` then stops sending (the numbers stay
-in the run's metrics.jsonl) and training goes on. A registration that fails leaves the model in final/ and
-raises a RegistrationError that gives the `distar register` command for later.
+A tracking server that goes away mid-run costs one warning and at most `RunLogger.wait_s` of training time:
+`RunLogger` then stops sending (the numbers stay in the run's metrics.jsonl) and training goes on. A
+registration that fails leaves the model in final/ and raises a RegistrationError that gives the
+`distar register` command for later.
 
 A re-run with the same run name continues the same MLflow run (found by the tag `distar.run_name`). The
 registered model is a pyfunc whose artifact is the exported checkpoint directory (config.yaml +
@@ -20,9 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import shlex
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -98,23 +101,50 @@ def finish_run(uri: str, run_id: str, ok: bool) -> None:
 
 
 class RunLogger:
-    """Metrics and image grids of one run (use on rank 0 only). The first failure to reach the tracking
-    server is one warning; after it nothing more is sent, and training is never stopped by tracking."""
+    """Metrics and image grids of one run (use on rank 0 only), sent by one background thread. Each call waits
+    until it is sent, at most `wait_s`: a server that answers is synchronous; one that hangs or is gone costs
+    training at most `wait_s` once. The first failure or overlong wait is one warning; after a failure nothing
+    more is sent (the numbers stay in the run's metrics.jsonl). Tracking never stops training."""
 
-    def __init__(self, uri: str, run_id: str):
-        self.client, self.run_id, self.uri = mlflow_client(uri), run_id, uri
-        self.gone = False
+    def __init__(self, uri: str, run_id: str, wait_s: float = 30.0):
+        self.client, self.run_id, self.uri, self.wait_s = mlflow_client(uri), run_id, uri, wait_s
+        self.gone = self._slow = self._warned = False
+        self._queue: queue.Queue = queue.Queue(maxsize=1000)
+        threading.Thread(target=self._sender, name="mlflow-run-logger", daemon=True).start()
 
-    def _send(self, what: str, step: int, send) -> None:
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("MLflow at %s %s; training continues (metrics stay in the run's metrics.jsonl)", self.uri, message)
+
+    def _sender(self) -> None:
+        while True:
+            step, send = self._queue.get()
+            try:
+                if not self.gone:
+                    send()
+            except Exception as err:  # MlflowException, requests' errors, OSError: the server is not there
+                self.gone = True
+                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+                self._warn(f"failed at step {step} ({type(err).__name__}: {reason}): nothing more is sent to it")
+            finally:
+                self._queue.task_done()
+
+    def _submit(self, step: int, send) -> None:
         if self.gone:
             return
         try:
-            send()
-        except Exception as err:  # MlflowException, requests' errors, OSError: the server is not there
-            self.gone = True
-            log.warning("MLflow at %s failed at step %d (%s: %s); %s and all later metrics and images are not sent "
-                        "to it (metrics stay in the run's metrics.jsonl); training continues", self.uri, step,
-                        type(err).__name__, str(err).strip().splitlines()[0][:200] if str(err).strip() else "", what)
+            self._queue.put_nowait((step, send))
+        except queue.Full:
+            self._warn(f"has fallen {self._queue.maxsize} calls behind at step {step}: dropping what does not fit")
+            return
+        if self._slow:
+            return
+        with self._queue.all_tasks_done:
+            sent = self._queue.all_tasks_done.wait_for(lambda: self._queue.unfinished_tasks == 0, self.wait_s)
+        if not sent and not self.gone:
+            self._slow = True
+            self._warn(f"has not answered for {self.wait_s:g} s at step {step}: sending in the background from now on")
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -122,10 +152,10 @@ class RunLogger:
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, int(step)) for k, v in values.items() if k != "step"]
         for i in range(0, len(ms), 200):
-            self._send("these", step, lambda batch=ms[i:i + 200]: self.client.log_batch(self.run_id, metrics=batch))
+            self._submit(step, lambda batch=ms[i:i + 200]: self.client.log_batch(self.run_id, metrics=batch))
 
     def images(self, step: int, images: torch.Tensor) -> None:
-        self._send("this image", step, lambda: self._images(step, images))
+        self._submit(step, lambda: self._images(step, images))
 
     def _images(self, step: int, images: torch.Tensor) -> None:
         """A grid of `images` as MLflow's step-indexed image (the UI shows it per step); 2-D points as a plot."""

@@ -46,6 +46,23 @@ def test_dead_tracking_server_mid_run_costs_one_warning(tmp_path, dead_uri, capl
     assert logged == [10, 20, 30, 40] and (res.final_dir / "generator.safetensors").is_file()
 
 
+def test_tracking_server_that_hangs_costs_one_bounded_wait(tmp_path, caplog):
+    """A server that accepts connections and never answers (a listening socket nobody reads)."""
+    from distar.tracking import RunLogger
+
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        logger = RunLogger(f"http://127.0.0.1:{hole.getsockname()[1]}", "0" * 32, wait_s=2.0)
+        cfg = load_config("gaussian2d", g2d.overrides(tmp_path / "run", "train.steps=40"))
+        torch.set_num_threads(1)
+        with caplog.at_level(logging.WARNING, logger="distar"):
+            res = run_training(cfg, hooks=LoopHooks(on_log=logger.metrics))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "has not answered for 2 s at step 10" in warnings[0], warnings
+    assert [h["step"] for h in res.history] == [10, 20, 30, 40]
+
+
 def test_failed_registration_keeps_final_and_distar_register_does_it_later(tmp_path, dead_uri, capsys):
     from distar.cli import main
     from distar.model_registry import resolve_registry_uri
