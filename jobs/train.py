@@ -18,16 +18,21 @@ import sys
 
 
 def results_table(cfg, final_dir: str, seed: int = 1234) -> str:
-    """Markdown: the world's evaluate() of the initial generator and of the trained one, same seed (worlds
-    without evaluate(), e.g. SDXL, get no table: the driver then loads no model at all)."""
+    """Markdown before/after table of a small world (worlds without one, e.g. SDXL, get "": the driver then
+    loads no model at all). Digits: reference / init / trained on 1,000 samples with the three conditions."""
+    if cfg.model.world == "digits" and cfg.model.generator is None:
+        from jobs.digits.demo_report import demo_table
+
+        return demo_table(final_dir, f"DI* on Ray ({cfg.ray.run_name or cfg.name}, EMA)",
+                          weights_dir=cfg.model.weights_dir)
+    if cfg.model.world not in ("gaussian2d", "digits"):
+        return ""
     import torch
 
     from distar.checkpoint import load_generator_state
     from distar.tables import markdown_table
     from distar.worlds import build_bundle
 
-    if cfg.model.world not in ("gaussian2d", "digits"):
-        return ""
     bundle = build_bundle(cfg.model, "cpu")
     rows = [{"model": "start (init generator)",
              **bundle.evaluate(bundle.generator.eval(), torch.Generator().manual_seed(seed))}]
