@@ -30,7 +30,7 @@ from jobs.digits.frontier_report import trajectory  # noqa: F401 - used by calle
 
 METHODS: dict[str, dict] = {
     "DI* (c=1 per sample, uniform)": {
-        "overrides": ["loss.divergence=score", "loss.c=1.0", "loss.weighting=uniform"],
+        "overrides": ["loss.divergence=score", "loss.c=1.0", "loss.c_scale=per_sample", "loss.weighting=uniform"],
         "alphas": (0.03, 0.1)},
     "DI* (c=0.25 per dim, score weighting)": {
         "overrides": ["loss.divergence=score", "loss.c=0.25", "loss.c_scale=per_dim", "loss.weighting=score"],
@@ -39,6 +39,7 @@ METHODS: dict[str, dict] = {
         "overrides": ["loss.divergence=kl", "loss.weighting=uniform"],
         "alphas": (1.0, 3.0)},
 }
+LR = "train.generator_optim.lr=5e-5"  # the frontier's generator lr (digits.yaml's default moved to the demo's 2e-5)
 CONTROL_OF = {"DI* (c=0.25 per dim, score weighting)": None}  # methods without their own alpha=0 run
 REWARD_ONLY = {"overrides": ["loss.divergence=none"], "alpha": 1.0,
                "monitor": "train.monitor={held_out: eval/frechet, mode: min, tolerance: 0.25, patience: 2, "
@@ -59,11 +60,11 @@ def plan(seeds: list[int], steps: int) -> list[dict]:
                 name = f"{slug(method)}_a{alpha:g}_s{seed}"
                 runs.append({"name": name, "method": method, "alpha": alpha, "seed": seed,
                              "overrides": [*spec["overrides"], f"loss.alpha_rew={alpha}", f"train.seed={seed}",
-                                           f"train.steps={steps}", "train.log_every=50", "train.batch_size=16",
+                                           f"train.steps={steps}", "train.log_every=50", "train.batch_size=16", LR,
                                            "train.checkpoint_every=100"]})
     runs.insert(0, {"name": "reward_only_a1_s0", "method": "reward only", "alpha": REWARD_ONLY["alpha"], "seed": 0,
                  "overrides": [*REWARD_ONLY["overrides"], f"loss.alpha_rew={REWARD_ONLY['alpha']}", "train.seed=0",
-                               f"train.steps={steps}", "train.log_every=25", "train.batch_size=16",
+                               f"train.steps={steps}", "train.log_every=25", "train.batch_size=16", LR,
                                REWARD_ONLY["monitor"]]})
     return runs
 
