@@ -1,20 +1,23 @@
 # Set-up and entry points. Every target creates .venv on first use: torch and its matching torchvision are
-# installed first, pinned to the pair that exists as matching wheels (a newer torch pulls GBs of CUDA wheels).
+# installed first, pinned in requirements/torch.txt (read by the Dockerfile too; a newer torch pulls GBs of CUDA
+# wheels). TORCH_INDEX_URL picks the index they come from (e.g. .../whl/cpu); empty = pip's default.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.distar-installed
+TORCH_REQUIREMENTS := requirements/torch.txt
+TORCH_INDEX_URL ?=
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup test test-fast demo demo-2d clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(TORCH_REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip<26"
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) -r $(TORCH_REQUIREMENTS)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
