@@ -80,4 +80,6 @@ def demo_table(final_dir: str | Path, label: str, init_spec: str = "digits-onest
     lines = [markdown_table(rows), "", "Conditions (1,000 samples, the judges never enter training):"]
     lines += [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks]
     lines.append("all three met" if all(ok for _, ok in checks) else "NOT all met")
+    lines += ["", f"(The reference's ms / image comes from {REFERENCE_FILE}, measured once on whatever load that "
+              "machine had; `python -m jobs.bench_onestep_vs_multistep` times both in one run, as a ratio.)"]
     return "\n".join(lines)
