@@ -10,6 +10,7 @@ with a clear message instead of hanging.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -17,6 +18,8 @@ from typing import Sequence
 import torch
 
 from .rewards.base import RewardOutput
+
+log = logging.getLogger(__name__)
 
 
 class RewardServiceError(RuntimeError):
@@ -51,6 +54,7 @@ class RemoteRewardClient:
             raise ValueError(f"reward handles {sorted(handles)} and weights {sorted(weights)} name different rewards")
         self.handles, self.weights = dict(handles), dict(weights)
         self.timeout_s, self.retries, self.backoff_s = float(timeout_s), int(retries), float(backoff_s)
+        self.retried = 0  # requests sent again in this client's life (logged as reward/service_retries)
 
     @classmethod
     def from_config(cls, reward_cfg) -> "RemoteRewardClient":
@@ -102,6 +106,9 @@ class RemoteRewardClient:
                     raise RewardServiceError(
                         f"reward {req.name!r} (Serve app {reward_app_name(req.name)!r}) gave no answer after "
                         f"{req.tries} tries of {self.timeout_s:g} s: " + "; ".join(errors)) from None
+                self.retried += 1
+                log.warning("reward %r: %s; retrying (%d request(s) retried so far)", req.name, errors[-1],
+                            self.retried)
                 time.sleep(self.backoff_s * req.tries)
                 self._send(req)
 
@@ -109,6 +116,11 @@ class RemoteRewardClient:
 class _Pending:
     def __init__(self, client: RemoteRewardClient, reqs: list[_Request], device: torch.device, dtype: torch.dtype):
         self.client, self.reqs, self.device, self.dtype = client, reqs, device, dtype
+
+    @property
+    def service_retries(self) -> int:
+        """Requests the client has sent again so far (replica deaths, timeouts)."""
+        return self.client.retried
 
     def result(self) -> RewardOutput:
         outs = {r.name: self.client._wait(r) for r in self.reqs}

@@ -239,6 +239,8 @@ def generator_loss(bundle: ModelBundle, generator: nn.Module, fake: nn.Module, c
             metrics[f"reward/{k}"] = v.float().mean()
         metrics["reward/grad_norm"] = out.grad.float().flatten(1).norm(dim=1).mean()
         metrics["reward/alpha_rew"] = torch.tensor(float(alpha))
+        if hasattr(pending, "service_retries"):  # rewards on Serve: how many requests had to be sent again
+            metrics["reward/service_retries"] = torch.tensor(float(pending.service_retries))
     metrics["gen/loss"] = total.detach()
     return total, metrics
 
