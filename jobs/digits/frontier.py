@@ -38,9 +38,16 @@ METHODS: dict[str, dict] = {
     "DI++ (KL)": {
         "overrides": ["loss.divergence=kl", "loss.weighting=uniform"],
         "alphas": (1.0, 3.0)},
+    "DIDR (KL, diffused reward K=1)": {
+        "overrides": ["loss.divergence=kl", "loss.weighting=uniform", "loss.reward_mode=diffused",
+                      "loss.drp_steps=1"],
+        "alphas": (1.0, 3.0)},
 }
 LR = "train.generator_optim.lr=5e-5"  # the frontier's generator lr (digits.yaml's default moved to the demo's 2e-5)
-CONTROL_OF = {"DI* (c=0.25 per dim, score weighting)": None}  # methods without their own alpha=0 run
+# methods without their own alpha=0 run -> the run that stands for it (DIDR at beta = 1/alpha_rew = inf is DI++'s
+# control exactly; the calibrated DI* borrows the c=1 DI* control)
+CONTROL_OF = {"DI* (c=0.25 per dim, score weighting)": "DI* (c=1 per sample, uniform)",
+              "DIDR (KL, diffused reward K=1)": "DI++ (KL)"}
 REWARD_ONLY = {"overrides": ["loss.divergence=none"], "alpha": 1.0,
                "monitor": "train.monitor={held_out: eval/frechet, mode: min, tolerance: 0.25, patience: 2, "
                           "action: stop}"}
@@ -128,7 +135,7 @@ def frontier(runs: list[dict], rows: dict[str, dict], levels: list[float]) -> di
     """{method: {level: {seed: gold}}} read off each (method, seed) alpha-sweep curve."""
     out: dict = {}
     for method in METHODS:
-        control = method if method not in CONTROL_OF else "DI* (c=1 per sample, uniform)"
+        control = CONTROL_OF.get(method, method)
         for seed in sorted({r["seed"] for r in runs if r["method"] == method}):
             start = next((r for r in runs if r["method"] == control and r["alpha"] == 0.0 and r["seed"] == seed), None)
             sweep = sorted((r for r in runs if r["method"] == method and r["seed"] == seed and r["alpha"] > 0),

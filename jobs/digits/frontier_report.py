@@ -69,7 +69,8 @@ def frontier_table(front: dict, levels: list[float], ref: dict, methods: list[st
             common = sorted(set(per[method]) & set(base))
             if len(common) >= 2:
                 diff, lo, hi = bootstrap([per[method][s] - base[s] for s in common])
-                who = "DI* ahead" if lo > 0 else ("DI++ ahead" if hi < 0 else "no difference beyond seed spread")
+                short = method.split(" (")[0]
+                who = f"{short} ahead" if lo > 0 else ("DI++ ahead" if hi < 0 else "no difference beyond seed spread")
                 if len(common) < MIN_SEEDS:  # a percentile bootstrap over 2 seeds is no interval: no call
                     who = f"no call (only {len(common)} paired seeds, {MIN_SEEDS} needed)"
                 verdicts.append(f"{method.split(' (')[0]}{' ' + method[method.index('('):] if '(' in method else ''}"
@@ -133,19 +134,23 @@ def plots(runs: list[dict], rows: dict, runs_dir: Path, docs: Path) -> tuple[Pat
 
 
 def _verdict(table_rows: list[dict]) -> str:
-    ahead = {"DI* ahead": 0, "DI++ ahead": 0, "no difference beyond seed spread": 0, "needed)": 0}
+    """One sentence per method compared with DI++: how many Frechet levels went which way."""
+    per: dict[str, dict[str, int]] = {}
     for row in table_rows:
         for part in row["difference (paired by seed)"].split("; "):
-            for k in ahead:
-                if part.endswith(k):
-                    ahead[k] += 1
-    total = sum(ahead.values())
-    if total == 0:
+            if " - DI++: " not in part:
+                continue
+            method, outcome = part.split(" - DI++: ")[0], part.rsplit(": ", 1)[1]
+            key = ("ahead" if outcome == f"{method.split(' (')[0]} ahead" else "DI++ ahead" if outcome == "DI++ ahead"
+                   else "same" if outcome.startswith("no difference") else "no call")
+            per.setdefault(method, {"ahead": 0, "DI++ ahead": 0, "same": 0, "no call": 0})[key] += 1
+    if not per:
         return "No Frechet level was reached by enough seeds of two methods to compare them."
-    return (f"Over {total} (method pair, Frechet level) comparisons: DI* ahead in {ahead['DI* ahead']}, "
-            f"DI++ ahead in {ahead['DI++ ahead']}, no difference beyond the seed spread in "
-            f"{ahead['no difference beyond seed spread']}, no call for lack of seeds in {ahead['needed)']} "
-            f"(95% bootstrap intervals over seeds; a call needs {MIN_SEEDS} paired seeds).")
+    return " ".join(
+        f"{m} vs DI++ at {sum(c.values())} Frechet levels: {m.split(' (')[0]} ahead at {c['ahead']}, DI++ ahead at "
+        f"{c['DI++ ahead']}, no difference beyond the seed spread at {c['same']}, no call (fewer than "
+        f"{MIN_SEEDS} paired seeds) at {c['no call']}." for m, c in per.items()) + \
+        " (95% percentile-bootstrap intervals over seeds.)"
 
 
 def _kept_notes(page: Path) -> list[str]:
