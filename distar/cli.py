@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "distar.commands.evaluate",
     "serve": "distar.commands.serve",
     "register": "distar.commands.register",
+    "plan": "distar.commands.plan",
 }
 
 

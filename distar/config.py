@@ -250,6 +250,11 @@ class RayConfig(_Frozen):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    gpu_mem_gb: Optional[float] = Field(
+        None, gt=0, description="memory of one worker GPU in GiB for the pre-start memory check (distar plan); "
+                                "None = the driver's own GPU if it has one, else 80")
+    plan_check: bool = Field(True, description="on GPU runs, refuse to start workers when `distar plan` says the "
+                                               "run does not fit (false: start anyway)")
     max_failures: int = Field(0, ge=0)
     run_name: Optional[str] = None
     storage_path: Optional[str] = None

@@ -16,6 +16,15 @@ WORLDS: dict[str, str] = {
     "sdxl": "distar.worlds.sd.bundle:build_bundle",
 }
 
+# world name -> plan_models(run_cfg) -> distar.memory_plan.PlanModels: the networks `distar plan` counts (SD: built
+# on the meta device from the architecture configs; small worlds: their bundle, built on the CPU)
+PLAN_MODELS: dict[str, str] = {
+    "gaussian2d": "distar.worlds.plan_from_bundle:plan_models",
+    "digits": "distar.worlds.plan_from_bundle:plan_models",
+    "sd15": "distar.worlds.sd.plan:plan_models",
+    "sdxl": "distar.worlds.sd.plan:plan_models",
+}
+
 # built-in model name -> builder(device, weights_dir | None) -> (bundle, multistep); see distar.loading
 BUILTIN_MODELS: dict[str, str] = {
     "digits-teacher": "distar.worlds.digits.builtins:teacher",

@@ -56,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     from distar.config import load_config
     from distar.errors import UserError
     from distar.logs import setup_logging
+    from distar.memory_plan import require_fit
     from distar.ray_train import run_on_ray
     from services.reward_service import deploy_rewards
 
     setup_logging(args.verbosity)
     try:
         cfg = load_config(args.config, args.overrides)
+        require_fit(cfg)  # GPU runs: refuse, with the memory table, a run that cannot fit (ray.plan_check)
         summary = run_on_ray(cfg, deploy_rewards=deploy_rewards)
     except UserError as err:
         print(f"jobs.train: error: {err}", file=sys.stderr)

@@ -24,6 +24,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.ray.num_workers > 0 or cfg.reward.backend == "serve" or cfg.mlflow.enabled:
         from services.reward_service import deploy_rewards
 
+        from ..memory_plan import require_fit
+
+        require_fit(cfg)  # GPU runs: refuse, with the memory table, a run that cannot fit (ray.plan_check)
+
         from ..ray_train import run_on_ray  # Ray only at the edge
 
         summary = run_on_ray(cfg, deploy_rewards=deploy_rewards)
