@@ -1,8 +1,9 @@
-"""The MLflow tracking URI rule, and `models:/NAME@ALIAS` (or `models:/NAME/VERSION`) -> a local checkpoint
+"""The MLflow tracking URI rule, and `models:/NAME@ALIAS` (or `models:/NAME/VERSION`) -> a local model
 directory, from the MLflow registry.
 
-The registered artifact is the checkpoint directory that `distar train` exports (see distar.tracking), so
-anything that loads a checkpoint directory loads a registered model too. Downloads are cached per tracking
+The registered artifact is the diffusers pipeline that `distar export` writes (see distar.tracking; versions
+registered before that hold a checkpoint directory), so anything that loads a model directory loads a
+registered model too. Downloads are cached per tracking
 URI, name and version under $XDG_CACHE_HOME/distar/registry (default ~/.cache).
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ import shutil
 from pathlib import Path
 
 from .checkpoint import GENERATOR_FILE
+
+PIPELINE_META = "distar_one_step.json"  # marks an exported one-step pipeline (beside its model_index.json)
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
@@ -77,10 +80,15 @@ def resolve_registry_uri(uri: str, tracking_uri: str | None = None) -> Path:
         os.replace(tmp, dest)
     found = _find_checkpoint(dest)
     if found is None:
-        raise RegistryError(f"--model {uri!r}: version {mv.version} holds no {GENERATOR_FILE} (not registered by distar)")
+        raise RegistryError(f"--model {uri!r}: version {mv.version} holds no exported pipeline ({PIPELINE_META}) "
+                            f"and no {GENERATOR_FILE} (not registered by distar)")
     return found
 
 
 def _find_checkpoint(root: Path) -> Path | None:
-    hits = sorted(root.rglob(GENERATOR_FILE)) if root.is_dir() else []
-    return hits[0].parent if hits else None
+    """The exported pipeline inside a downloaded model version, else a checkpoint directory."""
+    for marker in (PIPELINE_META, GENERATOR_FILE):
+        hits = sorted(root.rglob(marker)) if root.is_dir() else []
+        if hits:
+            return hits[0].parent
+    return None

@@ -13,9 +13,9 @@ registration that fails leaves the model in final/ and raises a RegistrationErro
 `distar register` command for later.
 
 A re-run with the same run name continues the same MLflow run (found by the tag `distar.run_name`). The
-registered model is a pyfunc whose artifact is the exported checkpoint directory (config.yaml +
-generator.safetensors + meta.json), so `distar generate --model models:/NAME@ALIAS` and serving load it with
-the same code as a local checkpoint (distar.model_registry).
+registered model is a pyfunc (models-from-code, distar.serving.pyfunc) whose artifact is the generator's
+diffusers pipeline (distar.export), so `DiffusionPipeline.from_pretrained`, `mlflow.pyfunc.load_model`,
+`distar generate --model models:/NAME@ALIAS` and serving all load the same files (distar.model_registry).
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import json
 import logging
 import queue
 import shlex
-import shutil
 import tempfile
 import threading
 import time
@@ -31,14 +30,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIG_FILE, GENERATOR_FILE, META_FILE, is_model_dir
+from .checkpoint import CONFIG_FILE, GENERATOR_FILE, is_model_dir
 from .errors import UserError
 from .images import grid, save_grid_png
 from .model_registry import tracking_uri  # noqa: F401 - the URI rule lives with the registry
 
 RUN_NAME_TAG = "distar.run_name"
 MODEL_ARTIFACT = "generator"
-PIP_REQUIREMENTS = ["distar", "torch", "safetensors", "diffusers", "pyyaml", "pydantic"]
 log = logging.getLogger(__name__)
 
 
@@ -167,45 +165,31 @@ class RunLogger:
         self.client.log_image(self.run_id, grid(images), key="samples", step=int(step))
 
 
-def export_dir(checkpoint_dir: Path, out: Path) -> Path:
-    """The servable part of a checkpoint (no optimizer state): config.yaml, generator.safetensors, meta.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_FILE, GENERATOR_FILE, META_FILE):
-        if (Path(checkpoint_dir) / name).is_file():
-            shutil.copy2(Path(checkpoint_dir) / name, out / name)
-    return out
+def pipeline_of(model_dir: Path, workdir: Path) -> Path:
+    """The diffusers pipeline to register for `model_dir`: the directory itself (or its pipeline/) when the run
+    already wrote one, else an export of its generator into `workdir` (distar.export)."""
+    from .export import export_model
+    from .loading import is_pipeline_dir
 
-
-def _python_model():
-    import mlflow.pyfunc
-
-    class DistarGenerator(mlflow.pyfunc.PythonModel):
-        """pyfunc: prompts (list or DataFrame column `prompt`) -> images [n, C, H, W] in [0, 1] (numpy)."""
-
-        def load_context(self, context):
-            from .loading import load_model
-
-            self.model = load_model(context.artifacts["checkpoint"], "cpu")
-
-        def predict(self, context, model_input, params=None):
-            prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
-            seed = int((params or {}).get("seed", 0))
-            return self.model.sample(prompts, torch.Generator().manual_seed(seed)).cpu().numpy()
-
-    return DistarGenerator()
+    for candidate in (Path(model_dir), Path(model_dir) / "pipeline"):
+        if is_pipeline_dir(candidate):
+            return candidate
+    return export_model(str(model_dir), Path(workdir) / "pipeline")
 
 
 def register_generator(uri: str, run_id: str, checkpoint_dir: Path, name: str, alias: str) -> dict[str, str]:
-    """Log the EMA generator of `checkpoint_dir` as a pyfunc model in `run_id`, register a version, set `alias`."""
+    """Log the EMA generator of `checkpoint_dir` (a run's final/, on the run's storage) as a pyfunc whose
+    artifact is its diffusers pipeline (distar.serving.pyfunc), register a version, set `alias`."""
     import mlflow
+
+    from .serving.pyfunc import log_pyfunc
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     with tempfile.TemporaryDirectory() as tmp:
-        art = export_dir(checkpoint_dir, Path(tmp) / "checkpoint")
+        pipeline = pipeline_of(Path(checkpoint_dir), Path(tmp))
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=_python_model(),
-                                           artifacts={"checkpoint": str(art)}, pip_requirements=PIP_REQUIREMENTS)
+            info = log_pyfunc(pipeline, tmp, MODEL_ARTIFACT)
     client = mlflow_client(uri)
     version = mlflow.register_model(info.model_uri, name, tags={"distar.run_id": run_id})
     client.set_registered_model_alias(name, alias, version.version)

@@ -57,9 +57,12 @@ def test_generate_from_registry_uri(registered, tmp_path):
     from distar.model_registry import resolve_registry_uri
 
     _, _, _, ckpt = registered
-    local = resolve_registry_uri("models:/distar-digits@champion")
-    want, got = load_generator_state(ckpt), load_generator_state(local)
-    assert all(torch.equal(want[k], got[k]) for k in want) and not (local / "train_state.pt").exists()
+    from safetensors.torch import load_file
+
+    local = resolve_registry_uri("models:/distar-digits@champion")  # the registered diffusers pipeline
+    want, got = load_generator_state(ckpt), load_file(str(local / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+    assert not (local / "train_state.pt").exists()
     assert main(["generate", "--model", "models:/distar-digits@champion", "--prompt", "a handwritten digit 3",
                  "--n", "2", "--out", str(tmp_path / "g")]) == 0
     assert (tmp_path / "g" / "grid.png").is_file()

@@ -50,6 +50,9 @@ def resolve_generator_file(path: str | Path) -> Path:
 
 
 class DigitsBundle:
+    world = "digits"
+    tokenizer = None  # a CLIPTokenizer to use instead of text.tokenize (an exported pipeline's own)
+
     def __init__(self, wdir: Path, generator_file: Path | None, guidance_scale: float, tau: int,
                  device: torch.device):
         self.device = torch.device(device)
@@ -80,8 +83,12 @@ class DigitsBundle:
     # ------------------------------------------------------------------ ModelBundle
     @torch.no_grad()
     def _encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        ids = text.tokenize(list(prompts)).to(self.device)
-        return self.text_encoder(ids).last_hidden_state
+        if self.tokenizer is None:
+            ids = text.tokenize(list(prompts))
+        else:
+            ids = self.tokenizer(list(prompts), padding="max_length", max_length=text.MAX_LENGTH, truncation=True,
+                                 return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device)).last_hidden_state
 
     def _encoder_key(self) -> tuple:
         """Changes whenever the text encoder's weights do (moved, replaced or written in place)."""
@@ -116,7 +123,8 @@ class DigitsBundle:
         t = torch.full((z.shape[0],), self.tau, device=z.device, dtype=torch.long)
         alpha, sigma = diffusion.alpha_sigma(self.alphas_cumprod, t)
         x_tau = diffusion.add_noise(self.mean_image.expand_as(z), z, alpha, sigma)
-        eps = net(x_tau, t, encoder_hidden_states=cond.hidden).sample
+        dt = next(net.parameters()).dtype  # bf16/fp16 for inference on a GPU; no-op casts in float32
+        eps = net(x_tau.to(dt), t, encoder_hidden_states=cond.hidden.to(dt)).sample.float()
         return diffusion.x0_from_eps(x_tau, eps, alpha, sigma)
 
     def eps_fake(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: DigitsCond) -> torch.Tensor:

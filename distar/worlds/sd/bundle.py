@@ -91,7 +91,7 @@ class StableDiffusionBundle:
             raise SDLoadError(f"model.reference: scheduler prediction_type {self.prediction_type!r} is not "
                               f"supported (expected 'epsilon' or 'v_prediction')")
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.latent_shape = (self.reference.config.in_channels, self.resolution // self.vae_scale_factor,
+        self.latent_shape = (unwrap(generator).config.in_channels, self.resolution // self.vae_scale_factor,
                              self.resolution // self.vae_scale_factor)
         self._null: Optional[tuple] = None
 
@@ -122,8 +122,9 @@ class StableDiffusionBundle:
     def _time_ids(self, n: int) -> torch.Tensor:
         r = self.resolution
         ids = [r, r, 0, 0, r, r]  # original size, crop top-left, target size
-        expected = self.reference.add_embedding.linear_1.in_features
-        passed = self.reference.config.addition_time_embed_dim * len(ids) + self.parts.text_encoder_2.config.projection_dim
+        unet = unwrap(self.generator)  # the reference's architecture (checked at load); a generator-only bundle has no reference
+        expected = unet.add_embedding.linear_1.in_features
+        passed = unet.config.addition_time_embed_dim * len(ids) + self.parts.text_encoder_2.config.projection_dim
         if expected != passed:
             raise SDLoadError(f"model.reference: the UNet expects an added embedding of {expected}, but time ids and "
                               f"text_encoder_2.projection_dim give {passed} (not an SDXL pipeline?)")
@@ -174,6 +175,7 @@ class StableDiffusionBundle:
 
     def eps_ref(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDCond) -> torch.Tensor:
         """eps(x, null) + w (eps(x, c) - eps(x, null)), one batched UNet pass over [null; cond]."""
+        self._need_reference()
         if self.guidance_scale == 1.0:
             return self.unet_eps(self.reference, x_t, t, cond.text, cond.pooled, cond.time_ids)
         x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
@@ -194,8 +196,13 @@ class StableDiffusionBundle:
         return (img / 2 + 0.5).clamp(0, 1)
 
     def frozen_modules(self) -> list[nn.Module]:
-        mods = [self.reference, self.vae, self.parts.text_encoder]
-        return mods + ([self.parts.text_encoder_2] if self.parts.text_encoder_2 is not None else [])
+        mods = [self.reference, self.vae, self.parts.text_encoder, self.parts.text_encoder_2]
+        return [m for m in mods if m is not None]
+
+    def _need_reference(self) -> None:
+        if self.reference is None:
+            raise RuntimeError("this model was loaded for inference (generator only): it has no reference UNet; "
+                               "build the full bundle (distar.worlds.build_bundle) to train or sample the reference")
 
     # ------------------------------------------------------------------------------------------ optional
     def training_prompts(self) -> list[str]:
@@ -211,6 +218,7 @@ class StableDiffusionBundle:
         """The reference's multi-step DDIM samples (CFG `guidance`, default the bundle's) from noise z."""
         from .sampling import sample_reference
 
+        self._need_reference()
         return sample_reference(self, prompts, z, steps=steps, guidance=guidance)
 
 
