@@ -297,6 +297,10 @@ class RunConfig(_Frozen):
             raise ValueError("loss.reward_mode='diffused' needs at least one entry in reward.terms")
         if self.prompts and self.prompts_file:
             raise ValueError("give either prompts or prompts_file, not both")
+        if self.prompts_file and (self.prompts_file == "parti" or Path(self.prompts_file).name.lower().startswith("partiprompts")):
+            raise ValueError(f"prompts_file={self.prompts_file!r}: PartiPrompts is the evaluation set (distar eval "
+                             f"--prompts parti) and is never trained on; give your own training captions (the "
+                             f"DMD2-SDXL / SiD-LSG lineage used LAION-aesthetic captions)")
         if self.mlflow.registered_model is not None and not self.mlflow.enabled:
             raise ValueError("mlflow.registered_model is set but mlflow.enabled is false")
         return self
