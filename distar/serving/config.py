@@ -15,9 +15,10 @@ class GeneratorAppConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(1, ge=1, description="intra-op threads per replica (None: torch's default)")
     batching: bool = True
-    # One network call takes 16 rows (loading.NET_BATCH) whatever the batch, so 16 one-image requests cost
-    # what one does; waiting up to 50 ms to fill a batch measured 6x the throughput of a 10 ms wait at 32
-    # clients on a loaded 2-core box (jobs/bench_serving.py), for ~50 ms more latency when idle.
+    # On a CPU one network call takes 16 rows (loading.NET_BATCH, padded: the bytes-equal-`distar generate`
+    # promise), so 16 one-image requests cost what one does; waiting up to 50 ms to fill a batch measured 6x
+    # the throughput of a 10 ms wait at 32 clients on a loaded 2-core box (jobs/bench_serving.py), for ~50 ms
+    # more latency when idle. On a GPU calls are not padded (up to 16 rows each, half precision).
     max_batch_size: int = Field(16, ge=1, le=256, description="requests per @serve.batch call")
     batch_wait_timeout_s: float = Field(0.05, ge=0.0, le=1.0)
     num_replicas: int = Field(1, ge=1)
