@@ -231,6 +231,8 @@ class TrainConfig(_Frozen):
     log_every: int = Field(50, gt=0)
     sample_every: int = Field(0, ge=0, description="image grid every N steps; 0 = only at the end")
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
+    keep_checkpoints: Optional[int] = Field(
+        None, ge=1, description="keep the N newest complete checkpoints under out_dir/checkpoints (None = all)")
     out_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[int] = Field(

@@ -19,6 +19,11 @@ requires_grad onto the unsharded parameters at each all-gather (`FSDPParam.to_un
 no graph for them and no gradient of theirs is reduce-scattered.
 
 State (`FSDPStateIO`; every method is a collective that all ranks call in the same order)
+  save_step  a sharded checkpoint: every rank writes its own shards with torch.distributed.checkpoint
+          (`distar.sharded_state`) into one temporary directory; rank 0 then writes progress.pt, config.yaml and
+          meta.json (last) and renames it into place. No rank gathers full tensors. It resumes on any number
+          of ranks (DCP reshards), or in one process.
+  export  the EMA generator (and a LoRA run's adapters) as full tensors on rank 0, for final/ and best/.
   gather  full tensors are gathered one at a time; rank 0 keeps them on the CPU, the others drop them
           (`get_model_state_dict` / `get_optimizer_state_dict` with full_state_dict and cpu_offload). The
           optimizer state is renamed to `Optimizer.state_dict()`'s integer keys, so a checkpoint has one format
@@ -26,19 +31,20 @@ State (`FSDPStateIO`; every method is a collective that all ranks call in the sa
   EMA     the shadow stays sharded (it is built from the sharded parameters: 1/N of a float32 copy per rank)
           and is gathered at save; for evaluation it is swapped into the sharded generator and swapped back
           (`averaged_generator`), since FSDP modules cannot be deep-copied.
-  load    each rank memory-maps train_state.pt (the ranks of a node share the page cache) and keeps its shard.
+  load    a sharded checkpoint through DCP; a train_state.pt one: each rank memory-maps it (the ranks of a
+          node share the page cache) and keeps its shard.
 
 Memory, SDXL full fine-tuning (2.6B parameters per UNet = 10.3 GB in float32, AdamW), N ranks:
   per GPU   generator + fake score: parameters, gradients and two Adam moments = 4 x 2 x 10.3 GB = 82 GB / N;
             EMA 10.3 GB / N; fp16 reference 5.1 GB / N; plus the unsharded units in flight (a unit holds at
             most `DEFAULT_UNIT_PARAMS` = 50M parameters, 0.2 GB) and activations. DDP needs all ~98 GB on
             every GPU, which no 80 GB card holds. Gathering for a checkpoint adds one full tensor at a time.
-  rank 0 host at a checkpoint: the full resume state (both UNets, both optimizers, EMA) = ~72 GB of CPU
-            memory; the exported EMA generator shares the EMA tensors. At that scale prefer LoRA (a few MB of
-            trained state) or a sharded torch.distributed.checkpoint writer for train_state (not done here).
+  host at a checkpoint: each rank stages its own shards (~72 GB / N); gathering the full resume state on
+            rank 0 (`gather`, the old format) would take ~72 GB there. final/ gathers the EMA generator alone.
 """
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -47,6 +53,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import sharded_state
 from .bundle import ModelBundle, unwrap
 from .checkpoint import StateIO, restore_progress, resume_dict
 from .train_step import TrainState
@@ -187,10 +194,54 @@ class FSDPStateIO(StateIO):
         parts["generator_opt"], parts["fake_opt"] = _int_keyed(parts["generator_opt"]), _int_keyed(parts["fake_opt"])
         return generator_state, resume_dict(state, ema={"decay": state.ema.decay, "shadow": shadow}, **parts)
 
+    def export(self, state: TrainState) -> tuple[dict | None, tuple | None]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        gen = get_model_state_dict(unwrap(state.generator), options=StateDictOptions(full_state_dict=True,
+                                                                                      cpu_offload=True))
+        shadow = self._gather_ema(state)
+        if self.rank != 0:
+            return None, None
+        for k, s in shadow.items():
+            gen[k] = s.to(gen[k].dtype)
+        return gen, ckpt.adapters_of(state, shadow)
+
+    def save_step(self, state: TrainState, run_dir: Path, rng: dict, config_yaml: str, meta: dict) -> Path | None:
+        """A sharded checkpoint (module docstring); every rank returns the same outcome: the path, or the error."""
+        import torch.distributed as dist
+
+        final = ckpt.step_dir(run_dir, state.step)
+        tmp = final.with_name(f".{final.name}.tmp-sharded")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        ok, error = torch.ones(1, device=state.bundle.device), None
+        try:
+            with ckpt.write_errors(run_dir, state.step):
+                sharded_state.save(state, tmp / ckpt.SHARDS_DIR, collective=True)
+                if self.rank == 0:
+                    torch.save(ckpt.progress_dict(state, rng), tmp / ckpt.PROGRESS_FILE)
+                    (tmp / ckpt.CONFIG_FILE).write_text(config_yaml)
+                    ckpt.write_meta_last(tmp, meta)
+                    ckpt.rename_into_place(tmp, final)
+                    ckpt.point_latest(final)
+        except ckpt.CheckpointError as err:
+            ok.zero_()
+            error = err
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # rank 0 alone may fail in its part: no rank waits forever
+        if self.rank == 0 and not ok.item():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not ok.item():
+            raise error or ckpt.CheckpointError(f"the step-{state.step} checkpoint failed on rank 0; see its log")
+        return final if self.rank == 0 else None
+
     def load(self, state: TrainState, ckpt_dir: Path) -> dict | None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
+        if ckpt.is_sharded(ckpt_dir):
+            return ckpt.load_sharded(state, Path(ckpt_dir), collective=True)
         saved = ckpt.load_train_state(ckpt_dir, map_location="cpu", mmap=True)
         opts = StateDictOptions(full_state_dict=True)
         for net, opt, key, opt_key in ((state.generator, state.generator_opt, "generator", "generator_opt"),

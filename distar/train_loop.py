@@ -137,6 +137,7 @@ class _Session:
     history: list[dict[str, float]] = field(default_factory=list)
     monitor: HackingMonitor | None = None
     stopped_by_monitor: bool = False
+    best_saved: bool = False
 
     @property
     def joins(self) -> bool:
@@ -162,28 +163,32 @@ class _Session:
             self.rng.set_state(saved["loop"][self.hooks.rank])
             torch.set_rng_state(saved["torch"][self.hooks.rank])
 
-    def save_best(self, metrics: dict[str, float]) -> None:
-        generator_state = self.hooks.state_io.gather(self.state)[0] if self.joins else None
+    def save_model_dir(self, name: str, metrics: dict[str, float]) -> None:
+        """best/ or final/: the EMA generator (and a LoRA run's adapters, pytorch_lora_weights.safetensors)."""
+        generator_state, adapters = self.hooks.state_io.export(self.state) if self.joins else (None, None)
         if self.hooks.is_main:
-            ckpt.save_generator_dir(self.out_dir / "best", generator_state, self.config_yaml,
-                                    {"step": self.state.step, "metrics": metrics})
+            ckpt.save_generator_dir(self.out_dir / name, generator_state, self.config_yaml,
+                                    {"step": self.state.step, "metrics": metrics}, adapters=adapters)
+
+    def save_best(self, metrics: dict[str, float]) -> None:
+        self.save_model_dir("best", metrics)
+        self.best_saved = True
         self.hooks.barrier()
 
     def save(self, final: bool, metrics: dict[str, float]) -> Path | None:
-        generator_state = train_state = path = None
+        """The step checkpoint (and final/), then prune to train.keep_checkpoints once it is complete."""
+        path = None
         rng = self.rng_states()
         if self.joins:
-            generator_state, train_state = self.hooks.state_io.gather(self.state)
-        if self.hooks.is_main:
-            train_state = {**train_state, "rng": rng}
-            kwargs = dict(generator_state=generator_state, config_yaml=self.config_yaml,
-                          meta={"step": self.state.step, "metrics": metrics}, train_state=train_state)
-            path = ckpt.save_step_checkpoint(self.out_dir, self.state.step, **kwargs)
-            if final and self.stopped_by_monitor and self.cfg.train.monitor.action == "keep_best" \
-                    and (self.out_dir / "best").is_dir():
+            path = self.hooks.state_io.save_step(self.state, self.out_dir, rng, self.config_yaml,
+                                                 {"step": self.state.step, "metrics": metrics})
+        if self.hooks.is_main and self.cfg.train.keep_checkpoints is not None:
+            ckpt.prune_checkpoints(self.out_dir, self.cfg.train.keep_checkpoints)
+        if final and self.stopped_by_monitor and self.cfg.train.monitor.action == "keep_best" and self.best_saved:
+            if self.hooks.is_main:
                 ckpt.write_atomic_dir(self.out_dir / "final", lambda tmp: _copy_dir(self.out_dir / "best", tmp))
-            elif final:
-                ckpt.save_generator_dir(self.out_dir / "final", **{**kwargs, "train_state": None})
+        elif final:
+            self.save_model_dir("final", metrics)
         self.hooks.barrier()
         if self.hooks.on_checkpoint is not None:
             self.hooks.on_checkpoint(self.state.step, path, metrics)

@@ -1,5 +1,5 @@
 """DI* on Ray Train with ray.strategy=fsdp: two CPU workers (gloo) shard generator and fake score with FSDP2,
-train the 2-D world as well as DDP does, write full (unsharded) checkpoints from gathered state, log image
+train the 2-D world as well as DDP does, write sharded checkpoints (each rank its own shards), log image
 grids from a collective forward, and resume on a re-run with the same run name."""
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distar.checkpoint import load_generator_state
+from distar.checkpoint import StateIO, load_generator_state
 from distar.config import load_config
+from distar.train_loop import LoopHooks, build_state
 from distar.worlds.gaussian2d import Generator2D
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
@@ -38,19 +39,15 @@ def test_two_worker_fsdp_trains_checkpoints_full_state_and_resumes(ray_cluster, 
     assert history[-1]["eval/energy_distance"] < 0.7 * history[0]["eval/energy_distance"], history
     assert all(h["reward/region"] > 0 and h["gen/grad_norm"] > 0 for h in history)
 
-    ckpt = Path(summary["checkpoint"])
-    state = torch.load(ckpt / "train_state.pt", weights_only=False)
-    assert state["step"] == 60
-    whole = Generator2D(128)  # the checkpoint holds full, plain tensors with the unsharded shapes
-    for part in ("generator", "ema"):
-        sd = state[part] if part == "generator" else state[part]["shadow"]
-        assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in whole.named_parameters()}
-        assert all(type(v) is torch.Tensor for v in sd.values())
-    assert sorted(state["generator_opt"]["state"]) == list(range(len(list(whole.parameters()))))  # integer keys
-    exported = load_generator_state(ckpt)
-    whole.load_state_dict(exported)
-    assert all(torch.equal(exported[k], state["ema"]["shadow"][k]) for k in exported)  # the EMA generator
-    assert torch.equal(load_generator_state(summary["final_dir"])["mlp.net.0.weight"], exported["mlp.net.0.weight"])
+    ckpt = Path(summary["checkpoint"])  # Ray's copy of the step-60 checkpoint: sharded, each rank wrote its own
+    assert sorted(p.name for p in (ckpt / "shards").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (ckpt / "train_state.pt").exists() and not (ckpt / "generator.safetensors").exists()
+    state = build_state(_cfg(tmp_path), torch.device("cpu"), LoopHooks())
+    StateIO().load(state, ckpt)       # into one process: full tensors with the unsharded shapes
+    assert state.step == 60
+    exported = load_generator_state(summary["final_dir"])
+    Generator2D(128).load_state_dict(exported)
+    assert all(torch.equal(exported[k], state.ema.shadow[k]) for k in exported)  # final/ is the EMA generator
     client = MlflowClient(uri)
     arts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "images")}
     assert {"images/step_0000030.png", "images/step_0000060.png"} <= arts   # grids from a collective forward
