@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "distar.commands.evaluate",
     "serve": "distar.commands.serve",
     "register": "distar.commands.register",
+    "export": "distar.commands.export",
     "plan": "distar.commands.plan",
 }
 

@@ -18,6 +18,10 @@ from .errors import UserError
 from .loading import load_model
 from .registry import PIPELINE_EXPORTERS, resolve
 
+class NotExportable(UserError):
+    """The model's world has no diffusers pipeline form (the 2-D world)."""
+
+
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -33,7 +37,7 @@ def export_model(spec: str, out: str | Path, dtype: str = "float32", weights_dir
         raise UserError(f"--model {spec!r}: a multi-step reference; export takes a one-step generator")
     world = getattr(model.bundle, "world", None)
     if world not in PIPELINE_EXPORTERS:
-        raise UserError(f"--model {spec!r}: world {world!r} has no diffusers export "
+        raise NotExportable(f"--model {spec!r}: world {world!r} has no diffusers export "
                         f"(exportable worlds: {', '.join(sorted(PIPELINE_EXPORTERS))})")
     out.mkdir(parents=True, exist_ok=True)
     return resolve(PIPELINE_EXPORTERS, world, "world")(model.bundle, model.net, out, EXPORT_DTYPES[dtype])

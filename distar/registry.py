@@ -31,6 +31,28 @@ BUILTIN_MODELS: dict[str, str] = {
     "digits-onestep": "distar.worlds.digits.builtins:onestep",
 }
 
+# Inference only (generate, serve, pyfunc, export): world -> builder(model_cfg, device, dtype) -> a bundle that
+# holds the generator, decoder and text encoders but no reference or fake score. Worlds without one (the
+# 2-D world) load through WORLDS.
+GENERATOR_LOADERS: dict[str, str] = {
+    "digits": "distar.worlds.digits.inference:generator_bundle",
+    "sd15": "distar.worlds.sd.inference:generator_bundle",
+    "sdxl": "distar.worlds.sd.inference:generator_bundle",
+}
+
+# exported pipelines (`distar export`): world -> export(bundle, generator_net, out_dir, dtype) -> out_dir, and
+# world -> builder(pipeline_dir, distar_one_step.json as a dict, device, dtype) -> a generator-only bundle
+PIPELINE_EXPORTERS: dict[str, str] = {
+    "digits": "distar.worlds.digits.inference:export_pipeline",
+    "sd15": "distar.worlds.sd.export:export_one_step_pipeline",
+    "sdxl": "distar.worlds.sd.export:export_one_step_pipeline",
+}
+PIPELINE_LOADERS: dict[str, str] = {
+    "digits": "distar.worlds.digits.inference:pipeline_bundle",
+    "sd15": "distar.worlds.sd.inference:pipeline_bundle",
+    "sdxl": "distar.worlds.sd.inference:pipeline_bundle",
+}
+
 # how evaluation's `ref:PIPELINE` specs load: source, guidance, device, dtype -> (sampling-only bundle, world)
 REFERENCE_PIPELINES: dict[str, str] = {"diffusers": "distar.worlds.sd.bundle:reference_bundle"}
 

@@ -167,14 +167,19 @@ class RunLogger:
 
 def pipeline_of(model_dir: Path, workdir: Path) -> Path:
     """The diffusers pipeline to register for `model_dir`: the directory itself (or its pipeline/) when the run
-    already wrote one, else an export of its generator into `workdir` (distar.export)."""
-    from .export import export_model
+    already wrote one, else an export of its generator into `workdir` (distar.export); for a world without a
+    pipeline form (the 2-D world) the checkpoint directory itself, which distar's loader reads."""
+    from .export import NotExportable, export_model
     from .loading import is_pipeline_dir
 
     for candidate in (Path(model_dir), Path(model_dir) / "pipeline"):
         if is_pipeline_dir(candidate):
             return candidate
-    return export_model(str(model_dir), Path(workdir) / "pipeline")
+    try:
+        return export_model(str(model_dir), Path(workdir) / "pipeline")
+    except NotExportable as err:
+        log.info("registering %s as distar's checkpoint format: %s", model_dir, err)
+        return Path(model_dir)
 
 
 def register_generator(uri: str, run_id: str, checkpoint_dir: Path, name: str, alias: str) -> dict[str, str]:
