@@ -24,7 +24,8 @@ def test_existing_configs_keep_their_meaning_and_diffused_mode_loads_by_override
     for name in ("gaussian2d", "digits", "sd15", "sdxl_dmd2"):
         loss = load_config(name).loss
         assert (loss.reward_mode, loss.drp_steps, loss.beta, loss.drp_checkpoint) == ("x0", 1, None, False), name
-    cfg = load_config("digits", ["loss.reward_mode=diffused", "loss.divergence=kl", "loss.drp_steps=2",
+    cfg = load_config("digits", ["loss.reward_mode=diffused", "loss.divergence=kl", "loss.weighting=uniform",
+                                 "loss.drp_steps=2",
                                  "loss.beta=0.25"])
     assert (cfg.loss.reward_mode, cfg.loss.drp_steps, cfg.loss.beta) == ("diffused", 2, 0.25)
     assert cfg.loss.uses_reward and not load_config("gaussian2d").loss.uses_reward
