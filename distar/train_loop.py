@@ -30,6 +30,7 @@ from .rewards import LocalRewardClient, build_weighted_reward
 from .rewards.base import RewardClient
 from .hacking_monitor import HackingMonitor
 from .reward_weight import build_alpha_controller
+from .stopping import TrainingStopped
 from .train_step import TrainState, build_optimizer, fake_update, finalize_interval_metrics, train_step
 from .worlds import build_bundle
 
@@ -55,6 +56,7 @@ class LoopHooks:
     reduce_signal: Callable[[torch.Tensor], torch.Tensor] | None = None  # the alpha controller's, across ranks
     all_gather: Callable[[torch.Tensor], list[torch.Tensor]] | None = None  # every rank's CPU tensor (RNG states)
     progress: bool = True
+    should_stop: Callable[[], bool] | None = None  # polled after each step (a SIGINT/SIGTERM flag); True: save, stop
     resume_from_out_dir: bool = True  # False under Ray Train: resume only from the checkpoint Ray hands back
 
     @property
@@ -194,6 +196,16 @@ class _Session:
             self.hooks.on_checkpoint(self.state.step, path, metrics)
         return path
 
+    def stop_requested(self) -> bool:
+        return self.hooks.should_stop is not None and self.hooks.should_stop()
+
+    def save_and_stop(self, last: dict[str, float]) -> None:
+        """On a stop request: this step's checkpoint (unless the regular one was just written), then raise."""
+        every = self.cfg.train.checkpoint_every
+        just_saved = every and self.state.step % every == 0
+        path = ckpt.step_dir(self.out_dir, self.state.step) if just_saved else self.save(False, last)
+        raise TrainingStopped(self.state.step, path)
+
     def log(self, sums: dict[str, torch.Tensor], count: int, seconds: float) -> dict[str, float]:
         """Reduce the interval's metrics across ranks, evaluate, and write/report them (rank 0)."""
         reduced = self.hooks.reduce_metrics({k: v / count for k, v in sums.items()})
@@ -307,6 +319,8 @@ def _warm_up_fake(run: _Session) -> None:
         return
     show = run.hooks.is_main and run.hooks.progress
     for _ in progress(range(cfg.train.fake_warmup_steps), desc="fake warm-up", enabled=show):
+        if run.stop_requested():
+            raise TrainingStopped(state.step, None)
         p = run.batch()
         fake_update(state, state.bundle.encode_prompts(p), len(p), cfg.loss, cfg.train.grad_clip, run.rng)
     state.fake_warmup_done = True
@@ -345,6 +359,8 @@ def run_training(cfg: RunConfig, *, device: torch.device | None = None, hooks: L
             run.images()
         if train.checkpoint_every and state.step % train.checkpoint_every == 0 and state.step < train.steps:
             run.save(False, last)
+        if state.step < train.steps and run.stop_requested():
+            run.save_and_stop(last)
     run.images()
     run.save(True, last)
     return TrainResult(final_dir=(run.out_dir / "final") if hooks.is_main else None, history=run.history,

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from distar.serving.api import build_api, health_of
 from distar.serving.config import GeneratorAppConfig
@@ -24,7 +25,9 @@ class GeneratorDeployment:
         self.batch_sizes: list[int] = []  # requests per @serve.batch call, for batch_stats()
 
     def __serve_build_asgi_app__(self):
-        return build_api(self, health_of(self.runner.service, self.config.batching))
+        # /health names the model as the operator gave it (models:/NAME@ALIAS), not the replica's cache path
+        health = health_of(self.runner.service, self.config.batching, self.config.model, self.config.reference)
+        return build_api(self, health)
 
     async def generate(self, job: Job) -> list[bytes]:
         return await (self._batched(job) if self.config.batching else self.runner.generate(job))
@@ -48,5 +51,8 @@ def build_app(config: GeneratorAppConfig | dict) -> serve.Application:
     config = config if isinstance(config, GeneratorAppConfig) else GeneratorAppConfig.model_validate(config)
     return GeneratorDeployment.options(
         num_replicas=config.num_replicas, max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s),
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
     ).bind(config)

@@ -1,8 +1,13 @@
-"""`distar train --config NAME|PATH [key=value ...]`: DI* post-training, in-process or on Ray Train."""
+"""`distar train --config NAME|PATH [key=value ...]`: DI* post-training, in-process or on Ray Train.
+
+In-process, SIGINT or SIGTERM stops the run after the current step: it writes that step's checkpoint, prints
+one line saying where, and exits 130 (SIGINT) or 143 (SIGTERM); the same command resumes from there.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_parser(sub) -> None:
@@ -32,9 +37,17 @@ def run(args: argparse.Namespace) -> int:
 
         summary = run_on_ray(cfg, deploy_rewards=deploy_rewards)
     else:
-        from ..train_loop import run_training
+        from ..stopping import StopSignals, TrainingStopped
+        from ..train_loop import LoopHooks, run_training
 
-        result = run_training(cfg)
+        with StopSignals("saving a checkpoint after this step, then stopping") as stop:
+            try:
+                result = run_training(cfg, hooks=LoopHooks(should_stop=stop))
+            except TrainingStopped as done:
+                where = f"checkpoint {done.checkpoint}" if done.checkpoint else "no checkpoint yet (the fake-score warm-up)"
+                print(f"distar train: stopped by {stop.name} at step {done.step}; {where}; "
+                      f"the same command {'resumes' if done.checkpoint else 'starts over'}", file=sys.stderr)
+                return stop.exit_code
         last = result.history[-1] if result.history else {}
         summary = {"final_dir": str(result.final_dir), "seconds": round(result.seconds, 1), **last}
     print(json.dumps(summary, indent=2, default=str))

@@ -136,6 +136,8 @@ def build_api(backend: Backend, health: HealthResponse, title: str = "distar gen
     return app
 
 
-def health_of(service, batching: bool) -> HealthResponse:
-    return HealthResponse(model=service.name, reference=service.reference_name, device=service.device,
+def health_of(service, batching: bool, model: str | None = None, reference: str | None = None) -> HealthResponse:
+    """`model`/`reference`: the names to show (the spec the operator gave), else the loaded models' own."""
+    return HealthResponse(model=model or service.name, reference=reference or service.reference_name,
+                          device=service.device,
                           batching=batching, image_size=service.image_size)

@@ -25,3 +25,8 @@ class GeneratorAppConfig(BaseModel):
     num_cpus: float = Field(0.25, ge=0.0, description="CPUs reserved per replica (0.25 on a shared 2-core box)")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica (fractions share a GPU)")
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; must exceed max_batch_size to fill batches")
+    # Overload: past max_ongoing_requests per replica, up to max_queued_requests wait at the proxy; the next
+    # ones get 503 with Retry-After at once (Serve's backpressure_config), not an ever-longer wait.
+    max_queued_requests: int = Field(128, ge=1, description="requests waiting at the proxy beyond those in flight")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) of the 503 sent past the queue bound")
+    graceful_shutdown_timeout_s: float = Field(10.0, ge=0.0, description="on stop, longest wait for requests in flight")

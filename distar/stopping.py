@@ -1,0 +1,63 @@
+"""Stopping on SIGINT/SIGTERM at a safe point instead of wherever the signal lands.
+
+`StopSignals` turns the first SIGINT or SIGTERM into a flag that a loop polls (the training loop after each
+step, `distar serve` between sleeps); the loop then finishes its unit of work, saves or drains, and returns.
+A second signal while stopping raises KeyboardInterrupt (a person who presses Ctrl-C twice means it).
+Handlers can only be installed from the main thread; elsewhere the flag simply never rises.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """Context manager: while inside, SIGINT/SIGTERM set `signum` (the old handlers come back on exit)."""
+
+    def __init__(self, what: str = "stopping"):
+        self.what = what
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: %s (send it again to abort at once)", signal.Signals(signum).name, self.what)
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for "ended by signal N": 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum if self.signum is not None else 0
+
+
+class TrainingStopped(Exception):
+    """The training loop stopped early on request, after writing `checkpoint` (None: nothing to save yet,
+    the stop came during the fake-score warm-up, which a rerun repeats)."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"stopped at step {step}" + (f"; checkpoint {checkpoint}" if checkpoint else ""))
+        self.step, self.checkpoint = step, checkpoint

@@ -1,0 +1,105 @@
+"""Stopping on SIGINT/SIGTERM, sent from outside: `distar train` writes the current step's checkpoint and
+exits 130/143 with one line (the same command resumes from that step); `distar serve` answers what it holds,
+stops the Ray processes it started and exits 0. Neither prints a traceback or a stack dump."""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from distar.checkpoint import latest_checkpoint
+
+from ..serve_fixtures import PROMPT, weights_dir
+from . import g2d
+
+pytestmark = pytest.mark.faults
+
+BOUND = 60  # seconds: generous, only so that a process that ignores the signal fails the test
+RUN = ["train.checkpoint_every=100000", "train.log_every=10"]
+DUMPS = ("Traceback", "*** SIG", "Stack trace", "core dumped")
+
+
+def _logged_steps(out) -> list[int]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signalled_training_saves_this_step_and_resumes_from_it(tmp_path, sig, code):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(g2d.command(out, "train.steps=1000000", *RUN), env=g2d.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not _logged_steps(out) and proc.poll() is None:  # past the warm-up, training steps
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=BOUND)[1]
+    assert proc.returncode == code, err[-2000:]
+    assert not any(d in err for d in DUMPS), err[-2000:]
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith(f"distar train: stopped by {sig.name} at step "), err[-2000:]
+    stopped_at = int(last_line.split(" at step ")[1].split(";")[0])
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name == f"step_{stopped_at:07d}" and stopped_at % 100000, err[-2000:]
+    seen = len(_logged_steps(out))
+    done = subprocess.run(g2d.command(out, f"train.steps={stopped_at + 20}", *RUN), env=g2d.env(),
+                          capture_output=True, text=True, timeout=BOUND * 5)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["step"] == stopped_at + 20
+    resumed = _logged_steps(out)[seen:]
+    assert resumed and min(resumed) > stopped_at, resumed    # a run that started over would log step 10 again
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+def test_sigterm_stops_serve_answers_in_flight_and_leaves_no_ray_processes():
+    import httpx
+    import psutil
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "distar.cli", "serve", "--port", str(port), "--num-cpus", "2",
+           "--weights-dir", weights_dir(), "--batch-wait-ms", "200"]
+    proc = subprocess.Popen(cmd, env=g2d.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("serving "):
+                break
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert started, "distar serve started no Ray processes"
+        answers: list = []
+
+        def ask(seed):
+            try:
+                answers.append(httpx.post(f"http://127.0.0.1:{port}/generate", json={"prompt": PROMPT, "seed": seed},
+                                          timeout=BOUND).status_code)
+            except httpx.HTTPError as err:
+                answers.append(type(err).__name__)
+
+        clients = [threading.Thread(target=ask, args=(s,)) for s in range(8)]
+        for c in clients:
+            c.start()
+        time.sleep(0.1)   # the batch wait (200 ms) holds them in flight
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=BOUND)
+        for c in clients:
+            c.join(timeout=BOUND)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopping: SIGTERM" in out and out.strip().endswith("stopped"), out
+    assert not any(d in err for d in DUMPS), err[-3000:]
+    assert len(answers) == 8 and all(isinstance(a, int) for a in answers), answers  # answered, none dropped
+    left = [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"Ray processes left behind: {left}"
