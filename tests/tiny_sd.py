@@ -48,12 +48,14 @@ def tiny_vae():
                          latent_channels=4, norm_num_groups=4, sample_size=2 * LATENT, scaling_factor=0.5)
 
 
-def tiny_unet(sdxl: bool, cross_attention_dim: int | None = None, block_out_channels=(16, 32)):
+def tiny_unet(sdxl: bool, cross_attention_dim: int | None = None, block_out_channels=(16, 32), **blocks):
+    """blocks: other down_block_types / up_block_types (with a block_out_channels of their length)."""
     from diffusers import UNet2DConditionModel
 
     kw = dict(sample_size=LATENT, in_channels=4, out_channels=4, layers_per_block=1,
               block_out_channels=block_out_channels, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4)
+    kw.update(blocks)
     if sdxl:  # text_time micro-conditioning: 6 time ids x 4 + pooled projection 16
         kw.update(cross_attention_dim=cross_attention_dim or 32, addition_embed_type="text_time",
                   addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 16,
@@ -63,8 +65,8 @@ def tiny_unet(sdxl: bool, cross_attention_dim: int | None = None, block_out_chan
     return UNet2DConditionModel(**kw)
 
 
-def save_sd15(root: Path, seed: int = 0) -> Path:
-    """An SD1.5-style pipeline directory (PNDM scheduler as SD1.5 ships, no safety checker)."""
+def save_sd15(root: Path, seed: int = 0, unet_kw: dict | None = None) -> Path:
+    """An SD1.5-style pipeline directory (PNDM scheduler as SD1.5 ships, no safety checker); unet_kw: see tiny_unet."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
@@ -73,14 +75,14 @@ def save_sd15(root: Path, seed: int = 0) -> Path:
     sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                           set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=CLIPTextModel(_text_config()), tokenizer=tok,
-                                   unet=tiny_unet(False), scheduler=sched, safety_checker=None,
+                                   unet=tiny_unet(False, **(unet_kw or {})), scheduler=sched, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     out = root / "sd15"
     pipe.save_pretrained(out)
     return out
 
 
-def save_sdxl(root: Path, seed: int = 0) -> Path:
+def save_sdxl(root: Path, seed: int = 0, unet_kw: dict | None = None) -> Path:
     """An SDXL-style pipeline directory: two text encoders (16 + 16 = 32 cross-attention dims), Euler scheduler."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -92,7 +94,7 @@ def save_sdxl(root: Path, seed: int = 0) -> Path:
                                    steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=CLIPTextModel(_text_config()),
                                      text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer=tok,
-                                     tokenizer_2=tok2, unet=tiny_unet(True), scheduler=sched,
+                                     tokenizer_2=tok2, unet=tiny_unet(True, **(unet_kw or {})), scheduler=sched,
                                      force_zeros_for_empty_prompt=True)
     out = root / "sdxl"
     pipe.save_pretrained(out)

@@ -8,11 +8,20 @@ Objects (docs/algorithm.md): the reference UNet (frozen, `dtype`) gives eps_ref 
 fake score starts as a float32 copy of it; the generator is a UNet at the fixed timestep tau,
 `x0 = (z - sigma_tau * eps_theta(z, tau, c)) / alpha_tau`. Latents are in the UNet's (scaled) latent space;
 `decode` maps them to [0, 1] pixels through the VAE, differentiably.
+
+Precision: with a bfloat16 reference, a fake score equal to it must give e_fake - e_ref = 0 and no generator
+gradient, although its master weights are float32. So the reference and the fake are both evaluated under bf16
+autocast (`score_precision`), whatever train.mixed_precision says (without it a float32 fake beside a pure-bf16
+reference differs from it by bf16 rounding alone: over a 4x128x128 latent a gap of the order of c), and the
+reference's normalization layers are kept in float32 like the fake's (with bf16 norm weights in one and float32
+in the other, the forward agrees but the backward to x_t does not). tests/test_precision.py holds both.
+The generator follows train.mixed_precision.
 """
 from __future__ import annotations
 
 import copy
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,7 +32,8 @@ from torch import nn
 from ... import diffusion
 from ...bundle import unwrap
 from ...schedules import alphas_cumprod_from_scheduler
-from .loading import DTYPES, ReferenceParts, SDLoadError, add_lora, load_generator_unet, load_reference
+from .loading import (DTYPES, ReferenceParts, SDLoadError, add_lora, load_generator_unet, load_reference,
+                      norms_in_float32)
 
 # A small built-in prompt set (Parti-style), used when the run config gives no prompts.
 BUILTIN_PROMPTS = (
@@ -91,6 +101,7 @@ class StableDiffusionBundle:
             raise SDLoadError(f"model.reference: scheduler prediction_type {self.prediction_type!r} is not "
                               f"supported (expected 'epsilon' or 'v_prediction')")
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.score_dtype = _input_dtype(self.reference) if self.reference is not None else torch.float32
         self.latent_shape = (unwrap(generator).config.in_channels, self.resolution // self.vae_scale_factor,
                              self.resolution // self.vae_scale_factor)
         self._null: Optional[tuple] = None
@@ -160,6 +171,12 @@ class StableDiffusionBundle:
             out = diffusion.eps_from_v(x.float(), out, alpha, sigma)
         return out
 
+    def score_precision(self):
+        """The precision both scores are evaluated at: bf16 autocast when the reference is bf16 (module doc)."""
+        if self.score_dtype != torch.bfloat16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     def sample_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn((n, *self.latent_shape), generator=generator, dtype=torch.float32).to(self.device)
 
@@ -171,11 +188,16 @@ class StableDiffusionBundle:
         return diffusion.x0_from_eps(z.float(), eps, alpha, sigma)
 
     def eps_fake(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: SDCond) -> torch.Tensor:
-        return self.unet_eps(net, x_t, t, cond.text, cond.pooled, cond.time_ids)
+        with self.score_precision():
+            return self.unet_eps(net, x_t, t, cond.text, cond.pooled, cond.time_ids)
 
     def eps_ref(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDCond) -> torch.Tensor:
         """eps(x, null) + w (eps(x, c) - eps(x, null)), one batched UNet pass over [null; cond]."""
         self._need_reference()
+        with self.score_precision():
+            return self._guided_eps_ref(x_t, t, cond)
+
+    def _guided_eps_ref(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDCond) -> torch.Tensor:
         if self.guidance_scale == 1.0:
             return self.unet_eps(self.reference, x_t, t, cond.text, cond.pooled, cond.time_ids)
         x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
@@ -229,6 +251,8 @@ def build_bundle(model_cfg, device: torch.device | str) -> StableDiffusionBundle
     parts = load_reference(model_cfg.world, model_cfg.reference, dtype, model_cfg.variant)
     generator = load_generator_unet(model_cfg.generator, model_cfg.generator_subfolder, model_cfg.generator_file,
                                     parts.unet, model_cfg.variant)
+    if dtype == torch.bfloat16:  # the fake's norms are float32 (module doc, precision)
+        norms_in_float32(parts.unet)
     fake = copy.deepcopy(parts.unet)
     if model_cfg.lora_rank > 0:  # frozen base in `dtype`, float32 LoRA adapters trained
         generator = add_lora(generator.to(dtype), model_cfg.lora_rank)

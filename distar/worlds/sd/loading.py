@@ -85,6 +85,14 @@ def load_pipeline_config(source: str, field: str = "model.reference") -> dict:
         raise SDLoadError(f"{field}={source!r}: cannot read the pipeline's model_index.json: {err}") from err
 
 
+def norms_in_float32(unet: nn.Module) -> None:
+    """GroupNorm / LayerNorm weights to float32 in place (a fraction of a percent of a UNet's parameters): a bf16
+    reference's norms then match its float32 fake score's (`distar.worlds.sd.bundle`, precision)."""
+    for m in unet.modules():
+        if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+            m.float()
+
+
 def load_reference(world: str, source: str, dtype: torch.dtype, variant: Optional[str] = None) -> ReferenceParts:
     """Tokenizers, text encoders, VAE, reference UNet and scheduler of an SD1.5 or SDXL pipeline.
 

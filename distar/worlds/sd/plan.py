@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ...memory_plan import Activations, PlanModels
-from .loading import DTYPES, SDLoadError, _is_local, add_lora
+from .loading import DTYPES, SDLoadError, _is_local, add_lora, norms_in_float32
 
 ARCH_DIR = Path(__file__).parent / "arch"
 COMPONENTS = {"sd15": ("unet", "vae", "text_encoder"), "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2")}
@@ -100,10 +100,14 @@ def plan_models(cfg) -> PlanModels:
     if dtype == torch.float16 and cfgs["vae"].get("force_upcast", False):
         vae = vae.float()
     with init_empty_weights(include_buffers=True):
+        gen = copy.deepcopy(ref)    # as build_bundle: the generator copies the reference as loaded, then the
+        if dtype == torch.bfloat16:  # reference's norms go to float32, then the fake copies it
+            norms_in_float32(ref)
+        fake = copy.deepcopy(ref)
         if m.lora_rank > 0:
-            gen, fake = add_lora(copy.deepcopy(ref), m.lora_rank), add_lora(copy.deepcopy(ref), m.lora_rank)
+            gen, fake = add_lora(gen, m.lora_rank), add_lora(fake, m.lora_rank)
         else:
-            gen, fake = copy.deepcopy(ref).float().requires_grad_(True), copy.deepcopy(ref).float().requires_grad_(True)
+            gen, fake = gen.float().requires_grad_(True), fake.float().requires_grad_(True)
     encoders = [parts[c].to(dtype) for c in ("text_encoder", "text_encoder_2") if c in parts]
     for x in (ref, vae, *encoders):
         x.requires_grad_(False)
