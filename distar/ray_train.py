@@ -28,8 +28,10 @@ from typing import Callable, Iterator
 import torch
 
 from .config import ConfigError, RewardConfig, RunConfig, config_from_dict, dump_config
+from .stopping import StopSignals, TrainingStopped
 
 log = logging.getLogger(__name__)
+STOP_REQUEST = ".stop_requested"  # in train.out_dir: the driver got SIGINT/SIGTERM; workers save and return
 DeployRewards = Callable[[RewardConfig], list[str]]
 
 
@@ -146,6 +148,7 @@ def _train_worker(config: dict) -> None:
         dist.all_gather(out, t.to(device))
         return [o.cpu() for o in out]
 
+    stop_file = Path(cfg.train.out_dir) / STOP_REQUEST
     ray_ckpt = ray.train.get_checkpoint()
     with (ray_ckpt.as_directory() if ray_ckpt is not None else nullcontext(None)) as ray_dir:
         resumed, resume_dir = _resume_point(ray_dir, Path(cfg.train.out_dir), device)
@@ -164,9 +167,13 @@ def _train_worker(config: dict) -> None:
                           on_log=(lambda s, m: logger.metrics(s, m)) if logger else None,
                           on_images=(lambda s, im: logger and logger.images(s, im)) if images else None,
                           on_checkpoint=on_checkpoint, barrier=dist.barrier, progress=False,
-                          resume_from_out_dir=False)
-        run_training(cfg, device=device, hooks=hooks, reward_client=reward_client(cfg),
-                     resume_dir=Path(resume_dir) if resume_dir is not None else None)
+                          resume_from_out_dir=False, should_stop=lambda: float(reduce_metrics(
+                              {"stop": torch.tensor(float(stop_file.exists()))})["stop"]) > 0)
+        try:
+            run_training(cfg, device=device, hooks=hooks, reward_client=reward_client(cfg),
+                         resume_dir=Path(resume_dir) if resume_dir is not None else None)
+        except TrainingStopped:
+            return  # the step's checkpoint is written and reported; the driver says so
 
 
 def _resume_point(ray_dir: str | None, out_dir: Path, device: torch.device) -> tuple[int, Path | None]:
@@ -194,13 +201,21 @@ def _resume_point(ray_dir: str | None, out_dir: Path, device: torch.device) -> t
     return step, options.get(step)
 
 
-def run_on_ray(cfg: RunConfig, *, deploy_rewards: DeployRewards | None = None) -> dict:
+def run_on_ray(cfg: RunConfig, *, deploy_rewards: DeployRewards | None = None,
+               stop: StopSignals | None = None) -> dict:
     """Train per `cfg` on Ray (Train workers, Serve rewards, MLflow); returns a summary dict.
 
     With reward.backend=serve, `deploy_rewards(cfg.reward)` starts the apps that are not running and
-    returns their names (deleted again at the end); None means they were deployed beforehand."""
+    returns their names (deleted again at the end); None means they were deployed beforehand. `stop`
+    (installed here, after Ray's own SIGTERM handler): on a signal every rank saves the current step and
+    returns; the summary then has `stopped_by` and nothing is registered."""
     cfg = _absolute(cfg)
     started_ray = connect(cfg.ray.log_to_driver)
+    stop_file = Path(cfg.train.out_dir) / STOP_REQUEST
+    stop_file.unlink(missing_ok=True)  # a request left by an earlier, killed driver
+    if stop is not None:
+        stop.on_stop = lambda: stop_file.parent.mkdir(parents=True, exist_ok=True) or stop_file.touch()
+        stop.__enter__()
     t0 = time.perf_counter()
     deployed: list[str] = []
     uri = run_id = None
@@ -215,12 +230,17 @@ def run_on_ray(cfg: RunConfig, *, deploy_rewards: DeployRewards | None = None) -
         if cfg.reward.backend == "serve" and cfg.loss.uses_reward and deploy_rewards is not None:
             deployed = deploy_rewards(cfg.reward)
         with _echo_progress(cfg):
-            summary = _fit(cfg, uri, run_id) if cfg.ray.num_workers > 0 else _in_driver(cfg, uri, run_id)
-        if run_id is not None:
+            summary = _fit(cfg, uri, run_id) if cfg.ray.num_workers > 0 else _in_driver(cfg, uri, run_id, stop)
+        if stop is not None and stop():
+            summary["stopped_by"] = stop.name
+        elif run_id is not None:
             summary["mlflow_run_id"] = run_id
             summary.update(_register(cfg, uri, run_id, Path(summary["final_dir"])))
         ok = True
     finally:
+        if stop is not None:
+            stop.__exit__(None, None, None)
+            stop_file.unlink(missing_ok=True)
         if run_id is not None:
             try:
                 tracking.finish_run(uri, run_id, ok)
@@ -313,7 +333,7 @@ def _fit(cfg: RunConfig, uri: str | None, run_id: str | None) -> dict:
             **(result.metrics or {})}
 
 
-def _in_driver(cfg: RunConfig, uri: str | None, run_id: str | None) -> dict:
+def _in_driver(cfg: RunConfig, uri: str | None, run_id: str | None, stop: StopSignals | None = None) -> dict:
     """ray.num_workers=0: the loop runs here, still with Serve rewards and MLflow when configured."""
     from .train_loop import LoopHooks, run_training
 
@@ -323,7 +343,10 @@ def _in_driver(cfg: RunConfig, uri: str | None, run_id: str | None) -> dict:
 
         logger = RunLogger(uri, run_id)
     hooks = LoopHooks(on_log=(lambda s, m: logger.metrics(s, m)) if logger else None,
-                      on_images=(lambda s, im: logger.images(s, im)) if logger else None)
-    result = run_training(cfg, hooks=hooks, reward_client=reward_client(cfg))
+                      on_images=(lambda s, im: logger.images(s, im)) if logger else None, should_stop=stop)
+    try:
+        result = run_training(cfg, hooks=hooks, reward_client=reward_client(cfg))
+    except TrainingStopped as done:
+        return {"run_name": cfg.ray.run_name, "workers": 0, "step": done.step, "checkpoint": str(done.checkpoint)}
     return {"run_name": cfg.ray.run_name, "workers": 0, "final_dir": str(result.final_dir),
             **(result.history[-1] if result.history else {})}

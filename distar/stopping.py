@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +21,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class StopSignals:
     """Context manager: while inside, SIGINT/SIGTERM set `signum` (the old handlers come back on exit)."""
 
-    def __init__(self, what: str = "stopping"):
-        self.what = what
+    def __init__(self, what: str = "stopping", on_stop: Callable[[], None] | None = None):
+        self.what, self.on_stop = what, on_stop  # on_stop: called once, in the handler (e.g. tell other processes)
         self.signum: int | None = None
         self._old: dict[int, object] = {}
 
@@ -40,6 +41,8 @@ class StopSignals:
             raise KeyboardInterrupt
         self.signum = signum
         log.warning("%s received: %s (send it again to abort at once)", signal.Signals(signum).name, self.what)
+        if self.on_stop is not None:
+            self.on_stop()
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -61,3 +64,10 @@ class TrainingStopped(Exception):
     def __init__(self, step: int, checkpoint: Path | None):
         super().__init__(f"stopped at step {step}" + (f"; checkpoint {checkpoint}" if checkpoint else ""))
         self.step, self.checkpoint = step, checkpoint
+
+
+def stopped_line(prog: str, signal_name: str, step, checkpoint) -> str:
+    """The one line a stopped training command prints (stderr) before exiting 130/143."""
+    where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint yet (the fake-score warm-up)"
+    return f"{prog}: stopped by {signal_name} at step {step}; {where}; the same command " + \
+        ("resumes" if checkpoint else "starts over")

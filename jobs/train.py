@@ -58,16 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     from distar.logs import setup_logging
     from distar.memory_plan import require_fit
     from distar.ray_train import run_on_ray
+    from distar.stopping import StopSignals, stopped_line
     from services.reward_service import deploy_rewards
 
     setup_logging(args.verbosity)
     try:
         cfg = load_config(args.config, args.overrides)
         require_fit(cfg)  # GPU runs: refuse, with the memory table, a run that cannot fit (ray.plan_check)
-        summary = run_on_ray(cfg, deploy_rewards=deploy_rewards)
+        stop = StopSignals("saving a checkpoint after this step, then stopping")
+        summary = run_on_ray(cfg, deploy_rewards=deploy_rewards, stop=stop)  # SIGINT/SIGTERM: save, exit 130/143
     except UserError as err:
         print(f"jobs.train: error: {err}", file=sys.stderr)
         return 2
+    if stop():
+        print(stopped_line("jobs.train", stop.name, summary.get("step"), summary.get("checkpoint")), file=sys.stderr)
+        return stop.exit_code
     print(json.dumps(summary, indent=2, default=str), flush=True)
     if not args.no_table:
         table = results_table(cfg, summary["final_dir"])

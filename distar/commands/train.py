@@ -2,6 +2,7 @@
 
 In-process, SIGINT or SIGTERM stops the run after the current step: it writes that step's checkpoint, prints
 one line saying where, and exits 130 (SIGINT) or 143 (SIGTERM); the same command resumes from there.
+On Ray the driver's signal reaches the workers through a file in train.out_dir (`ray_train.STOP_REQUEST`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    from ..stopping import StopSignals, TrainingStopped, stopped_line
+
+    stop = StopSignals("saving a checkpoint after this step, then stopping")
     if cfg.ray.num_workers > 0 or cfg.reward.backend == "serve" or cfg.mlflow.enabled:
         from services.reward_service import deploy_rewards
 
@@ -35,18 +39,19 @@ def run(args: argparse.Namespace) -> int:
 
         from ..ray_train import run_on_ray  # Ray only at the edge
 
-        summary = run_on_ray(cfg, deploy_rewards=deploy_rewards)
+        summary = run_on_ray(cfg, deploy_rewards=deploy_rewards, stop=stop)  # installs `stop` after ray.init
+        if stop():
+            print(stopped_line("distar train", stop.name, summary.get("step"), summary.get("checkpoint")),
+                  file=sys.stderr)
+            return stop.exit_code
     else:
-        from ..stopping import StopSignals, TrainingStopped
         from ..train_loop import LoopHooks, run_training
 
-        with StopSignals("saving a checkpoint after this step, then stopping") as stop:
+        with stop:
             try:
                 result = run_training(cfg, hooks=LoopHooks(should_stop=stop))
             except TrainingStopped as done:
-                where = f"checkpoint {done.checkpoint}" if done.checkpoint else "no checkpoint yet (the fake-score warm-up)"
-                print(f"distar train: stopped by {stop.name} at step {done.step}; {where}; "
-                      f"the same command {'resumes' if done.checkpoint else 'starts over'}", file=sys.stderr)
+                print(stopped_line("distar train", stop.name, done.step, done.checkpoint), file=sys.stderr)
                 return stop.exit_code
         last = result.history[-1] if result.history else {}
         summary = {"final_dir": str(result.final_dir), "seconds": round(result.seconds, 1), **last}

@@ -55,6 +55,39 @@ def test_signalled_training_saves_this_step_and_resumes_from_it(tmp_path, sig, c
     assert resumed and min(resumed) > stopped_at, resumed    # a run that started over would log step 10 again
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigterm_to_the_ray_driver_saves_on_every_worker_and_resumes(tmp_path):
+    """`python -m jobs.train` on its own local cluster with 2 workers: SIGTERM to the driver only."""
+    import psutil
+
+    out = tmp_path / "run"
+    ray_args = [f"ray.storage_path={tmp_path / 'ray'}", "ray.num_workers=2", "ray.cpus_per_worker=0.5",
+                "ray.run_name=sigterm", "train.batch_size=64", "model.hidden=32", "train.fake_warmup_steps=5",
+                "train.device=cpu", "train.threads=1", f"train.out_dir={out}", *RUN]
+    cmd = [sys.executable, "-m", "jobs.train", "-q", "--no-table", "--config", "gaussian2d", *ray_args]
+    proc = subprocess.Popen([*cmd, "train.steps=1000000"], env=g2d.env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    while not _logged_steps(out) and proc.poll() is None:
+        time.sleep(0.1)
+    started = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=BOUND * 3)[1]
+    assert proc.returncode == 143, err[-2000:]
+    assert not any(d in err for d in DUMPS), err[-2000:]
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith("jobs.train: stopped by SIGTERM at step "), err[-2000:]
+    stopped_at = int(last_line.split(" at step ")[1].split(";")[0])
+    assert latest_checkpoint(out).name == f"step_{stopped_at:07d}", err[-2000:]
+    assert not [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    seen = len(_logged_steps(out))
+    done = subprocess.run([*cmd, f"train.steps={stopped_at + 20}"], env=g2d.env(), capture_output=True, text=True,
+                          timeout=BOUND * 5)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = _logged_steps(out)[seen:]
+    assert resumed and min(resumed) > stopped_at and max(resumed) == stopped_at + 20, resumed
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
