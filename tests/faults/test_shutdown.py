@@ -16,6 +16,7 @@ import pytest
 from distar.checkpoint import latest_checkpoint
 
 from ..serve_fixtures import PROMPT, weights_dir
+from ..test_serve_registry import URI, registered  # noqa: F401 (a fixture)
 from . import g2d
 
 pytestmark = pytest.mark.faults
@@ -95,12 +96,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.ray
-def test_sigterm_stops_serve_answers_in_flight_and_leaves_no_ray_processes():
+def test_sigterm_stops_serve_answers_in_flight_and_leaves_no_ray_processes(registered):
+    """Serving a registered model (`registered`: MLFLOW_TRACKING_URI and the cache in tmp_path), whose
+    /health must name it as given, not by the replica's cache path."""
     import httpx
     import psutil
 
     port = _free_port()
-    cmd = [sys.executable, "-m", "distar.cli", "serve", "--port", str(port), "--num-cpus", "2",
+    cmd = [sys.executable, "-m", "distar.cli", "serve", "--model", URI, "--port", str(port), "--num-cpus", "2",
            "--weights-dir", weights_dir(), "--batch-wait-ms", "200"]
     proc = subprocess.Popen(cmd, env=g2d.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -110,6 +113,7 @@ def test_sigterm_stops_serve_answers_in_flight_and_leaves_no_ray_processes():
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         started = psutil.Process(proc.pid).children(recursive=True)
         assert started, "distar serve started no Ray processes"
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=BOUND).json()["model"] == URI
         answers: list = []
 
         def ask(seed):
