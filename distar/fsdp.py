@@ -14,6 +14,11 @@ What is sharded
                          (d eps_ref / d x_t) and reduce-scatters nothing; no-grad calls just all-gather.
   Every unit, roots included, reshards after forward: a no-grad pass (the fake-score update's generator
   samples, evaluation) then never leaves stale unsharded weights behind for the next pass.
+  Mixed precision (train.mixed_precision=bf16, `mixed_precision_policy`): every sharded module all-gathers its
+  parameters in bf16 and computes in bf16, gradients are reduce-scattered in float32 into the float32 sharded
+  parameters (the master weights the optimizer and the EMA see). Autocast then finds bf16 weights and caches no
+  bf16 copy of whole unsharded float32 weights. Reference and fake score share the policy, so a fake equal
+  to the reference computes exactly what the reference does (no rounding in the score gap, as without FSDP).
 The generator step freezes the fake score with `requires_grad_(False)` on its sharded parameters; FSDP2 copies
 requires_grad onto the unsharded parameters at each all-gather (`FSDPParam.to_unsharded`), so that pass builds
 no graph for them and no gradient of theirs is reduce-scattered.
@@ -37,7 +42,8 @@ State (`FSDPStateIO`; every method is a collective that all ranks call in the sa
 Memory, SDXL full fine-tuning (2.6B parameters per UNet = 10.3 GB in float32, AdamW), N ranks:
   per GPU   generator + fake score: parameters, gradients and two Adam moments = 4 x 2 x 10.3 GB = 82 GB / N;
             EMA 10.3 GB / N; fp16 reference 5.1 GB / N; plus the unsharded units in flight (a unit holds at
-            most `DEFAULT_UNIT_PARAMS` = 50M parameters, 0.2 GB) and activations. DDP needs all ~98 GB on
+            most `DEFAULT_UNIT_PARAMS` = 50M parameters, 0.2 GB in float32, half under the bf16 policy) and
+            activations. DDP needs all ~98 GB on
             every GPU, which no 80 GB card holds. Gathering for a checkpoint adds one full tensor at a time.
   host at a checkpoint: each rank stages its own shards (~72 GB / N); gathering the full resume state on
             rank 0 (`gather`, the old format) would take ~72 GB there. final/ gathers the EMA generator alone.
@@ -100,13 +106,27 @@ def shard_units(module: nn.Module, max_params: int = DEFAULT_UNIT_PARAMS,
     return units
 
 
-def shard_module(module: nn.Module, mesh, max_params: int = DEFAULT_UNIT_PARAMS) -> nn.Module:
-    """Shard `module` in place: each of `shard_units`, then the root. Returns `module` (now an FSDPModule)."""
+def mixed_precision_policy(mixed_precision: str):
+    """FSDP2's policy for `train.mixed_precision`: 'bf16' -> bf16 all-gather and compute, float32 gradient
+    reduction (sharded parameters stay float32); 'no' -> None (FSDP's default: everything in the parameters' dtype)."""
+    if mixed_precision == "no":
+        return None
+    if mixed_precision != "bf16":
+        raise ValueError(f"train.mixed_precision={mixed_precision!r}: expected 'no' or 'bf16'")
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard_module(module: nn.Module, mesh, max_params: int = DEFAULT_UNIT_PARAMS, mp_policy=None) -> nn.Module:
+    """Shard `module` in place: each of `shard_units`, then the root. Returns `module` (now an FSDPModule).
+    mp_policy: a `MixedPrecisionPolicy` (`mixed_precision_policy`), None = none."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    kw = {} if mp_policy is None else {"mp_policy": mp_policy}
     for unit in shard_units(module, max_params):
-        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
-    fully_shard(module, mesh=mesh, reshard_after_forward=True)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True, **kw)
+    fully_shard(module, mesh=mesh, reshard_after_forward=True, **kw)
     for name in ("encode", "decode"):  # entry points besides forward (a VAE's) must all-gather too
         if callable(getattr(module, name, None)):
             register_fsdp_forward_method(module, name)
@@ -114,7 +134,7 @@ def shard_module(module: nn.Module, mesh, max_params: int = DEFAULT_UNIT_PARAMS)
 
 
 def shard_frozen(bundle: ModelBundle, mesh, frozen_min_params: int = FROZEN_MIN_PARAMS,
-                 max_params: int = DEFAULT_UNIT_PARAMS) -> list[nn.Module]:
+                 max_params: int = DEFAULT_UNIT_PARAMS, mp_policy=None) -> list[nn.Module]:
     """Shard the bundle's module reference and its big frozen modules; returns those sharded."""
     chosen: list[nn.Module] = []
     ref = getattr(bundle, "reference", None)
@@ -126,7 +146,7 @@ def shard_frozen(bundle: ModelBundle, mesh, frozen_min_params: int = FROZEN_MIN_
     for m in chosen:
         if any(p.requires_grad for p in m.parameters()):
             raise ValueError(f"shard_frozen: {type(m).__name__} has parameters that require grad")
-        shard_module(m, mesh, max_params)
+        shard_module(m, mesh, max_params, mp_policy)
     return chosen
 
 
@@ -292,8 +312,10 @@ class FSDPStateIO(StateIO):
 
 
 def fsdp_hooks(mesh, rank: int, max_params: int = DEFAULT_UNIT_PARAMS,
-               frozen_min_params: int = FROZEN_MIN_PARAMS) -> dict:
-    """The `LoopHooks` fields for FSDP2 on `mesh`: wrap, prepare_bundle, state_io."""
-    return dict(wrap=lambda net: shard_module(net, mesh, max_params),
-                prepare_bundle=lambda bundle: shard_frozen(bundle, mesh, frozen_min_params, max_params),
+               frozen_min_params: int = FROZEN_MIN_PARAMS, mixed_precision: str = "no") -> dict:
+    """The `LoopHooks` fields for FSDP2 on `mesh`: wrap, prepare_bundle, state_io.
+    mixed_precision: train.mixed_precision, applied to every sharded module (`mixed_precision_policy`)."""
+    policy = mixed_precision_policy(mixed_precision)
+    return dict(wrap=lambda net: shard_module(net, mesh, max_params, policy),
+                prepare_bundle=lambda bundle: shard_frozen(bundle, mesh, frozen_min_params, max_params, policy),
                 state_io=FSDPStateIO(rank))

@@ -101,11 +101,12 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _in_flight(module: nn.Module) -> int:
+def _in_flight(module: nn.Module, itemsize: Optional[int] = None) -> int:
     """Bytes of one FSDP module's parameters unsharded at once: the root's own (held for its whole forward) and
-    two units (the one computing and the one prefetched), as distar.fsdp.shard_module cuts it."""
+    two units (the one computing and the one prefetched), as distar.fsdp.shard_module cuts it. itemsize: of the
+    unsharded parameters (2 under FSDP's bf16 mixed-precision policy); None = the module's own."""
     units = shard_units(module, DEFAULT_UNIT_PARAMS)
-    itemsize = max(p.element_size() for p in module.parameters())
+    itemsize = itemsize or max(p.element_size() for p in module.parameters())
     root = _numel(module) - sum(_numel(u) for u in units)
     top = sorted((_numel(u) for u in units), reverse=True)[:2]
     return (root + sum(top)) * itemsize
@@ -169,16 +170,18 @@ def memory_plan(cfg: RunConfig, gpu_mem_gb: float, models: Optional[PlanModels] 
     m = models or _plan_models(cfg)
     rows = _parameter_rows(m, cfg, ranks, fsdp) + _reward_rows(cfg)
     nets = (m.generator, m.fake_score)
-    if cfg.train.mixed_precision == "bf16":
+    bf16 = cfg.train.mixed_precision == "bf16"
+    if bf16 and not fsdp:  # under FSDP the bf16 mixed-precision policy all-gathers bf16 weights: nothing to cache
         copies = sum(2 * p.numel() for n in nets for p in n.parameters() if p.requires_grad and p.element_size() > 2)
         if copies:
             rows.append(("autocast bf16 weight copies", copies, "trained float32 weights cast once per step and "
                          "cached by torch.autocast until the step ends (upper bound)"))
-    if fsdp and ranks > 1:
+    if fsdp and (ranks > 1 or bf16):  # one rank under the bf16 policy still holds bf16 copies of units in flight
         sharded = [*nets, *([m.reference] if m.reference is not None else []),
                    *(x for _, x in m.frozen if _numel(x) >= FROZEN_MIN_PARAMS)]
-        rows.append(("FSDP units in flight", max(_in_flight(x) for x in sharded),
-                     "root + 2 largest units of one module, unsharded"))
+        rows.append(("FSDP units in flight", max(_in_flight(x, 2 if bf16 else None) for x in sharded),
+                     "root + 2 largest units of one module, unsharded" + (" in bf16 (FSDP mixed precision)"
+                                                                          if bf16 else "")))
     act = m.activations(cfg.train.batch_size)
     rows.append(("activations", max(act.generator_update, act.fake_update) + act.recompute,
                  f"generator update {act.generator_update / GIB:.2f}, fake update {act.fake_update / GIB:.2f}, "

@@ -131,7 +131,8 @@ def _train_worker(config: dict) -> None:
 
         from .fsdp import fsdp_hooks
 
-        strategy = fsdp_hooks(init_device_mesh(device.type, (world,)), rank)
+        strategy = fsdp_hooks(init_device_mesh(device.type, (world,)), rank,
+                              mixed_precision=cfg.train.mixed_precision)
 
     def reduce_metrics(ms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from torch.distributed.tensor import DTensor

@@ -79,6 +79,20 @@ def test_fsdp_rows_are_one_nth_of_ddp_rounded_up(pipeline_dirs):
     assert "FSDP units in flight" in fsdp and "FSDP units in flight" not in ddp
 
 
+
+def test_bf16_under_fsdp_has_no_autocast_copies_and_gathers_units_in_bf16(pipeline_dirs):
+    """FSDP's bf16 mixed-precision policy (distar.fsdp.mixed_precision_policy) all-gathers bf16 weights: autocast
+    caches no copies, and the units in flight weigh half their float32 size; DDP keeps the autocast row."""
+    ref, fsdp = pipeline_dirs["sdxl"], ("ray.num_workers=4", "ray.strategy=fsdp")
+    rows = {mp: {w: b for w, b, _ in memory_plan(_cfg(ref, *fsdp, f"train.mixed_precision='{mp}'"), 80).rows}
+            for mp in ("no", "bf16")}
+    ddp = {w: b for w, b, _ in memory_plan(_cfg(ref, "ray.num_workers=4", "train.mixed_precision=bf16"), 80).rows}
+    assert ddp["autocast bf16 weight copies"] > 0
+    assert "autocast bf16 weight copies" not in rows["bf16"] and "autocast bf16 weight copies" not in rows["no"]
+    assert rows["bf16"]["FSDP units in flight"] * 2 == rows["no"]["FSDP units in flight"]  # float32 trained nets
+    one = {w for w, _, _ in memory_plan(_cfg(ref, "ray.strategy=fsdp", "train.mixed_precision=bf16"), 80).rows}
+    assert "FSDP units in flight" in one  # one rank still gathers bf16 copies under the policy
+
 def test_meta_activation_measurement_equals_the_same_on_real_tensors():
     from diffusers import UNet2DConditionModel
 
