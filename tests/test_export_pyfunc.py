@@ -21,23 +21,18 @@ URI = "models:/distar-digits@champion"
 def registered(tmp_path_factory):
     """A "trained" digits generator in a run's final/, registered as models:/distar-digits@champion."""
     from distar import tracking
-    from distar.checkpoint import save_generator_dir
-    from distar.config import dump_config, load_config
-    from distar.worlds import build_bundle
+
+    try:
+        from .registry_fixtures import digits_run
+    except ImportError:
+        from registry_fixtures import digits_run
 
     tmp = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("XDG_CACHE_HOME", str(tmp / "cache"))
-        cfg = load_config("digits", ["name=pyfunc-test"])
-        bundle = build_bundle(cfg.model, "cpu")
-        with torch.no_grad():
-            for p in bundle.generator.parameters():
-                p.add_(0.01)                              # distinct from the shipped one-step generator
-        ckpt = save_generator_dir(tmp / "final", bundle.generator.state_dict(), dump_config(cfg), {"step": 1},
-                                  train_state={"step": 1})
-        run_id = tracking.start_run(uri, cfg, dump_config(cfg), "pyfunc-test")
+        ckpt, run_id = digits_run(tmp, uri, "pyfunc-test")
         tracking.register_generator(uri, run_id, ckpt, "distar-digits", "champion")
         yield tmp, ckpt, uri
 

@@ -3,7 +3,6 @@ image equals `distar generate --model models:/NAME@ALIAS` for the same prompt an
 from __future__ import annotations
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 pytest.importorskip("mlflow")
@@ -18,21 +17,16 @@ URI = "models:/distar-serve@champion"
 @pytest.fixture
 def registered(tmp_path, monkeypatch):
     from distar import tracking
-    from distar.checkpoint import save_generator_dir
-    from distar.config import dump_config, load_config
-    from distar.worlds import build_bundle
+
+    try:
+        from .registry_fixtures import digits_run
+    except ImportError:
+        from registry_fixtures import digits_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    cfg = load_config("digits", ["name=serve-test"])
-    bundle = build_bundle(cfg.model, "cpu")
-    with torch.no_grad():
-        for p in bundle.generator.parameters():
-            p.add_(0.01)                                   # distinct from the shipped one-step generator
-    ckpt = save_generator_dir(tmp_path / "final", bundle.generator.state_dict(), dump_config(cfg), {"step": 1},
-                              train_state={"step": 1})
-    run_id = tracking.start_run(uri, cfg, dump_config(cfg), "serve-test")
+    ckpt, run_id = digits_run(tmp_path, uri, "serve-test")
     tracking.finish_run(uri, run_id, ok=True)
     tracking.register_generator(uri, run_id, ckpt, "distar-serve", "champion")
 
