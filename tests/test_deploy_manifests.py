@@ -178,7 +178,7 @@ def _run_entrypoint(monkeypatch, entrypoint: str):
     assert importlib.util.find_spec(argv[2]) is not None
     seen = {}
 
-    def fake_run_on_ray(cfg, deploy_rewards):
+    def fake_run_on_ray(cfg, *, deploy_rewards=None, stop=None):
         seen["cfg"] = cfg
         return {"final_dir": f"{cfg.train.out_dir}/final"}
 
