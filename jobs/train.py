@@ -48,12 +48,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="YAML file or built-in config name (e.g. digits_ray)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 ray.num_workers=2")
     ap.add_argument("--no-table", action="store_true", help="skip the before/after results table")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (YAML) and exit: nothing starts (checks an entrypoint offline)")
     ap.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity", default=0)
     ap.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C outside training (Ray start-up, the table): the stop handler was not on
+        print("jobs.train: interrupted; checkpoints written so far are kept (the same command resumes)", file=sys.stderr)
+        return 130
 
-    from distar.config import load_config
+
+def _run(args: argparse.Namespace) -> int:
+
+    from distar.config import dump_config, load_config
     from distar.errors import UserError
     from distar.logs import setup_logging
     from distar.memory_plan import require_fit
@@ -64,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbosity)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
         require_fit(cfg)  # GPU runs: refuse, with the memory table, a run that cannot fit (ray.plan_check)
         stop = StopSignals("saving a checkpoint after this step, then stopping")
         summary = run_on_ray(cfg, deploy_rewards=deploy_rewards, stop=stop)  # SIGINT/SIGTERM: save, exit 130/143

@@ -168,23 +168,19 @@ def test_ray_version_is_the_images_and_inside_pyprojects_range():
     assert {spec["rayVersion"] for spec in ray_cluster_specs().values()} == {base.group(1)}
 
 
-def _run_entrypoint(monkeypatch, entrypoint: str):
-    """Run the RayJob's entrypoint in-process with run_on_ray stubbed; returns the config it would train."""
-    import distar.ray_train
+def _run_entrypoint(capsys, tmp_path, entrypoint: str):
+    """The RayJob's entrypoint run in-process with --print-config (nothing starts); returns the config it
+    would train, read back from the printed YAML."""
     import jobs.train
+    from distar.config import load_config
 
     argv = shlex.split(entrypoint)
     assert argv[:3] == ["python", "-m", "jobs.train"], argv
     assert importlib.util.find_spec(argv[2]) is not None
-    seen = {}
-
-    def fake_run_on_ray(cfg, *, deploy_rewards=None, stop=None):
-        seen["cfg"] = cfg
-        return {"final_dir": f"{cfg.train.out_dir}/final"}
-
-    monkeypatch.setattr(distar.ray_train, "run_on_ray", fake_run_on_ray)
-    assert jobs.train.main(argv[3:]) == 0
-    return seen["cfg"]
+    capsys.readouterr()
+    assert jobs.train.main([*argv[3:], "--print-config"]) == 0
+    (tmp_path / "resolved.yaml").write_text(capsys.readouterr().out)
+    return load_config(str(tmp_path / "resolved.yaml"))
 
 
 def _capacity(group: dict, resource: str) -> float:
@@ -192,9 +188,9 @@ def _capacity(group: dict, resource: str) -> float:
     return group["maxReplicas"] * float(limits.get(resource, 0))
 
 
-def test_the_rayjob_entrypoint_resolves_offline_and_fits_its_cluster(monkeypatch):
+def test_the_rayjob_entrypoint_resolves_offline_and_fits_its_cluster(capsys, tmp_path):
     job = one("RayJob")
-    cfg = _run_entrypoint(monkeypatch, job["spec"]["entrypoint"])
+    cfg = _run_entrypoint(capsys, tmp_path, job["spec"]["entrypoint"])
     assert cfg.name and str(cfg.train.out_dir).startswith("/shared/") and cfg.ray.storage_path.startswith("/shared/")
     assert cfg.mlflow.enabled and cfg.mlflow.tracking_uri is None  # taken from $MLFLOW_TRACKING_URI
     served = yaml.safe_load((ROOT / "deploy/serve_generator_cluster.yaml").read_text())
