@@ -18,6 +18,16 @@ def test_sd_configs_validate(name):
     assert cfg.train.grad_clip == 10
 
 
+@pytest.mark.parametrize("name", ["sdxl_dmd2", "sdxl_dmd2_lora", "sd15", "sdxl_didr"])
+def test_sd_configs_track_to_the_environments_mlflow_and_register(name, monkeypatch, tmp_path):
+    from distar.tracking import tracking_uri
+
+    mlf = load_config(name).mlflow
+    assert mlf.enabled and mlf.tracking_uri is None and mlf.registered_model and mlf.alias == "champion"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://distar-mlflow:5000")
+    assert tracking_uri(mlf) == "http://distar-mlflow:5000"
+
+
 def test_sdxl_dmd2_settings():
     cfg = load_config("sdxl_dmd2")
     m = cfg.model
