@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 
 import pytest
+import torch
 
 try:
     from . import eval_fixtures
@@ -34,7 +35,10 @@ COLUMNS = ["model", "steps", "ImageReward", "Aesthetic", "PickScore", "CLIP"]
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
-    return eval_fixtures.build_all(tmp_path_factory.mktemp("eval_fx"))
+    from .fid_fixtures import save_random_inception
+
+    root = tmp_path_factory.mktemp("eval_fx")
+    return {**eval_fixtures.build_all(root), "inception": save_random_inception(root / "inception.pth")}
 
 
 def _argv(fx, out):
@@ -83,10 +87,13 @@ def test_parti_slice_table_determinism_and_resume(fx, tmp_path, count_generation
         for p in (a / "images" / name).glob("*.png"):
             assert p.read_bytes() == (b / "images" / name / p.name).read_bytes()
 
-    # resume (logging to MLflow this time): nothing generated again (no generate() call, PNGs untouched)
+    # resume (logging to MLflow, and FID + CLIP-FD against a folder, this time): nothing generated again (no
+    # generate() call, PNGs untouched)
     count_generation.clear()
     stamps = {p: p.stat().st_mtime_ns for p in (a / "images").rglob("*.png")}
-    assert main(_argv(fx, a) + ["--mlflow", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+    fid = ["--fid-ref", str(a / "images" / "SD1.5-tiny"), "--fid-weights", str(fx["inception"]),
+           "--clip-fd", str(fx["clip_score"])]
+    assert main(_argv(fx, a) + fid + ["--mlflow", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
     assert count_generation == []
     assert {p: p.stat().st_mtime_ns for p in (a / "images").rglob("*.png")} == stamps
     assert json.loads((a / "results.json").read_text())["generated"] == {"SD1.5-tiny": 0, "DIstar@1": 0, "DIstar@10": 0}
@@ -96,6 +103,16 @@ def test_parti_slice_table_determinism_and_resume(fx, tmp_path, count_generation
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
         json.loads((a / "results.json").read_text())["mlflow_run_id"])
     assert run.data.metrics["DIstar_1/CLIP"] == pytest.approx(res["rows"][1]["CLIP"])
+    with_fid = json.loads((a / "results.json").read_text())
+    assert with_fid["columns"][6:8] == ["FID", "CLIP-FD"] and with_fid["fid_ref_images"] == LIMIT
+    ref_row, one_step = with_fid["rows"][0], with_fid["rows"][1]
+    assert abs(ref_row["FID"]) < 1e-3 * one_step["FID"] and one_step["FID"] > 0  # the folder holds the ref's images
+    assert abs(ref_row["CLIP-FD"]) < 1e-3 * one_step["CLIP-FD"] and one_step["CLIP-FD"] > 0
+    assert run.data.metrics["DIstar_1/FID"] == pytest.approx(one_step["FID"])
+    assert "| FID | CLIP-FD |" in (a / "results.md").read_text()
+    images = {f.path for f in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(run.info.run_id,
+                                                                                                 "images")}
+    assert any("comparison" in p for p in images), images  # grids through MLflow's image API
 
     # a cache made with other settings is refused, not mixed
     argv = _argv(fx, a)
@@ -123,4 +140,7 @@ def test_bad_inputs_name_the_argument(fx, tmp_path, capsys, count_generation):
     bad = list(argv)
     bad[bad.index("--models") + 1] = f"ref=ref@2:{tmp_path}"  # a directory that is not a pipeline
     _one_line_error(capsys, bad, "--models")
+    _one_line_error(capsys, argv + ["--clip-fd", str(fx["clip_score"])], "--clip-fd")  # without --fid-ref
+    if not torch.cuda.is_available():
+        _one_line_error(capsys, argv + ["--device", "cuda:7"], "device 'cuda:7'")
     assert count_generation == []  # every error came before any generation

@@ -37,9 +37,16 @@ def add_parser(sub) -> None:
                    "clip_score, hpsv2)")
     g.add_argument("--rewards-backend", choices=["local", "serve"], default="local")
     g.add_argument("--batch-size", type=int, default=4, help="prompts per generation batch")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="weights of multi-step references")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights of multi-step references (auto: bf16/fp16 on a GPU, float32 on a CPU)")
+    g.add_argument("--fid-ref", default=None, metavar="DIR",
+                   help="a folder of reference images: adds FID (torchmetrics) against it")
+    g.add_argument("--fid-weights", default=None, metavar="PATH",
+                   help="torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth); "
+                        "default: downloaded by torch-fidelity")
+    g.add_argument("--clip-fd", default=None, metavar="SPEC",
+                   help="an open_clip spec (ARCH:TAG, hf-hub:..., or a local dir): adds CLIP-FD against --fid-ref")
     g.add_argument("--mlflow", action="store_true", help="also log the results to MLflow")
     g.add_argument("--mlflow-uri", default=None, help="default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
     g.add_argument("--mlflow-experiment", default="distar-eval")
@@ -66,12 +73,15 @@ def _run_prompts(args: argparse.Namespace, out: Path) -> int:
     if args.rewards_backend == "serve":
         from services.reward_service import serve_reward_client as open_client
     else:
-        open_client = partial(local_reward_client, device=args.device)
+        from ..device import pick_device
+
+        open_client = partial(local_reward_client, device=pick_device(args.device))
     opts = PromptEval(prompts=args.prompts, models=args.models, out=out, rewards=args.rewards or [],
                       limit=args.limit, images_per_prompt=args.images_per_prompt, steps=args.steps,
                       guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, device=args.device,
                       dtype=args.dtype, rewards_backend=args.rewards_backend, mlflow=args.mlflow,
-                      mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment)
+                      mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment, fid_ref=args.fid_ref,
+                      fid_weights=args.fid_weights, clip_fd=args.clip_fd)
     evaluate_prompts(opts, open_client)
     return 0
 

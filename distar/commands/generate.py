@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (created)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (multi-step models; default 50)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (multi-step models; default the model's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,12 +50,26 @@ class PromptEval:
     guidance: float | None = None
     seed: int = 0
     batch_size: int = 4
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str = "auto"              # auto: CUDA when present, else CPU
+    dtype: str = "auto"               # auto: bf16/fp16 on a GPU, float32 on a CPU
     rewards_backend: str = "local"
     mlflow: bool = False
     mlflow_uri: str | None = None
     mlflow_experiment: str = "distar-eval"
+    fid_ref: str | None = None        # a folder of reference images: FID (and CLIP-FD) columns against it
+    fid_weights: str | None = None    # torch-fidelity's Inception-v3 weights file (None: it downloads them)
+    clip_fd: str | None = None        # an open_clip spec: CLIP-FD against fid_ref too
+
+
+def resolve_device(opts: PromptEval) -> PromptEval:
+    """`auto` device and dtype made concrete (pick_device errors name the value asked for)."""
+    from dataclasses import replace
+
+    from ..device import inference_dtype, pick_device
+
+    device = pick_device(opts.device)
+    dtype = str(inference_dtype(device)).removeprefix("torch.") if opts.dtype == "auto" else opts.dtype
+    return replace(opts, device=str(device), dtype=dtype)
 
 
 def generate_missing(model: EvalModel, cache: GenerationCache, prompts: list, n_images: int, seed: int,
@@ -115,8 +129,19 @@ def _score_all(opts: PromptEval, rewards, images: dict, texts: list[str],
     return scores
 
 
+def _folder_distances(opts: PromptEval, images: dict) -> tuple[dict[str, dict[str, float]], int]:
+    """({label: {'FID': .., 'CLIP-FD': ..}}, number of reference images) against opts.fid_ref; ({}, 0) without."""
+    if not opts.fid_ref:
+        return {}, 0
+    from .fid import FolderDistances, load_reference_images
+
+    dist = FolderDistances(load_reference_images(opts.fid_ref), opts.fid_weights, opts.clip_fd, opts.device,
+                           batch=max(opts.batch_size * opts.images_per_prompt, 8))
+    return {label: dist(x, label) for label, x in images.items()}, dist.n_ref
+
+
 def _rows(caches: dict, meta: dict, images: dict, scores: dict, metrics: list[str], n_prompts: int,
-          n_img: int) -> tuple[list[dict], list[str], str]:
+          n_img: int, folder: dict[str, dict[str, float]]) -> tuple[list[dict], list[str], str]:
     ref_label = next((lab for lab in caches if meta[lab]["multistep"]), next(iter(caches)))
     ref_feats = pooled_features(images[ref_label])
     fd_key = f"FD-pix to {ref_label}"
@@ -124,10 +149,12 @@ def _rows(caches: dict, meta: dict, images: dict, scores: dict, metrics: list[st
     for label, c in caches.items():
         r = {"model": label, "steps": meta[label]["steps"], "images": len(images[label])}
         r.update({m: float(scores[label][m].mean()) for m in metrics})
+        r.update(folder.get(label, {}))
         r[fd_key] = frechet_distance(pooled_features(images[label]), ref_feats)
         r["s / image"] = c.seconds_per_image(list(range(n_prompts)), n_img)
         rows.append(r)
-    return rows, ["model", "steps", *metrics, fd_key, "s / image"], ref_label
+    dists = list(next(iter(folder.values()), {}))
+    return rows, ["model", "steps", *metrics, *dists, fd_key, "s / image"], ref_label
 
 
 def _write_grids(out: Path, images: dict, n_prompts: int, n_img: int) -> int:
@@ -144,6 +171,9 @@ def evaluate_prompts(opts: PromptEval, open_client: RewardClientFactory) -> dict
     """The whole pipeline; `open_client(rewards)` opens the RewardClient that scores (local or Serve)."""
     if opts.images_per_prompt <= 0 or opts.steps <= 0 or opts.batch_size <= 0:
         raise UserError("--images-per-prompt, --steps and --batch-size must be >= 1")
+    if (opts.clip_fd or opts.fid_weights) and not opts.fid_ref:
+        raise UserError("--clip-fd / --fid-weights: give --fid-ref DIR too (the reference images they compare to)")
+    opts = resolve_device(opts)
     try:
         prompts = load_prompts(opts.prompts, opts.limit)
     except (FileNotFoundError, ValueError) as err:
@@ -158,7 +188,8 @@ def evaluate_prompts(opts: PromptEval, open_client: RewardClientFactory) -> dict
     all_texts = [p.text for p in prompts for _ in range(n_img)]
     scores = _score_all(opts, rewards, images, all_texts, open_client)
     metrics = [DISPLAY.get(n, n) for n, _ in rewards]
-    rows, columns, ref_label = _rows(caches, meta, images, scores, metrics, len(prompts), n_img)
+    folder, n_ref = _folder_distances(opts, images)
+    rows, columns, ref_label = _rows(caches, meta, images, scores, metrics, len(prompts), n_img, folder)
 
     cat_of = [p.category or "(none)" for p in prompts]
     counts = {c: cat_of.count(c) for c in dict.fromkeys(cat_of)}
@@ -172,6 +203,11 @@ def evaluate_prompts(opts: PromptEval, open_client: RewardClientFactory) -> dict
           f"Rewards: mean raw score over all images. {columns[-2]}: Frechet distance of 4x4-pooled RGB pixels vs "
           f"{ref_label} (a fidelity proxy, lower = closer). s / image: generation wall time (batches of "
           f"{opts.batch_size} prompts, after a warm-up), from the run that generated the images.", ""]
+    if folder:
+        md[-1:-1] = [f"FID: torchmetrics FrechetInceptionDistance (Inception-v3, 2048-d) vs the {n_ref} images in "
+                     f"{opts.fid_ref}" + (f"; CLIP-FD: the same metric on open_clip {opts.clip_fd} image embeddings"
+                                          if opts.clip_fd else "") + ". Below a few thousand images both are "
+                     "biased upwards: compare models only at equal counts."]
     if metrics:
         md += ["## Per category", "", category_tables(per_cat, metrics, counts), ""]
     md += ["## Grids", "", "comparison: rows = models (" + ", ".join(caches) + f"), columns = the first {show} prompts",
@@ -180,6 +216,8 @@ def evaluate_prompts(opts: PromptEval, open_client: RewardClientFactory) -> dict
         md += ["", "Reward vs divergence: reward_vs_divergence.png"]
     (out / "results.md").write_text("\n".join(md) + "\n")
     result = {"prompts": str(opts.prompts), "n_prompts": len(prompts), "images_per_prompt": n_img, "seed": opts.seed,
+              "device": opts.device, "dtype": opts.dtype, "fid_ref": opts.fid_ref, "fid_ref_images": n_ref,
+              "clip_fd": opts.clip_fd,
               "rewards": [{"name": n, "path": p} for n, p in rewards], "rewards_backend": opts.rewards_backend,
               "columns": columns, "rows": rows, "reference": ref_label, "per_category": per_cat,
               "category_counts": counts, "generated": generated}

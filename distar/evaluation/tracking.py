@@ -1,9 +1,11 @@
 """Log a finished evaluation to MLflow: one run with the settings as params, `LABEL/METRIC` metrics and the
-output files (tables, grids, plot) as artifacts. The URI defaults as for training (sqlite:///./mlflow.db)."""
+output files (tables) as artifacts, the grids and the plot as MLflow images. The URI defaults as for training (sqlite:///./mlflow.db)."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from PIL import Image
 
 
 def _key(s: str) -> str:
@@ -23,9 +25,14 @@ def log_eval(uri: str | None, experiment: str, result: dict, out: Path) -> str:
         for col, v in row.items():
             if col != "model" and isinstance(v, (int, float)):
                 client.log_metric(rid, _key(f"{row['model']}/{col}"), float(v))
-    for name in ("results.md", "results.json", "scores.json", "reward_vs_divergence.png"):
+    for name in ("results.md", "results.json", "scores.json"):
         if (Path(out) / name).is_file():
             client.log_artifact(rid, str(Path(out) / name))
-    client.log_artifacts(rid, str(Path(out) / "grids"), "grids")
+    # images through MLflow's image API (the UI's image view shows them), grids and the plot alike
+    pngs = sorted((Path(out) / "grids").glob("*.png")) + [p for p in [Path(out) / "reward_vs_divergence.png"]
+                                                           if p.is_file()]
+    for png in pngs:
+        with Image.open(png) as im:
+            client.log_image(rid, im.convert("RGB"), key=_key(png.stem), step=0)
     client.set_terminated(rid, "FINISHED")
     return rid
