@@ -30,13 +30,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIG_FILE, GENERATOR_FILE, is_model_dir
+from .checkpoint import ADAPTER_FILE, CONFIG_FILE, GENERATOR_FILE, is_model_dir
 from .errors import UserError
 from .images import grid, save_grid_png
 from .model_registry import tracking_uri  # noqa: F401 - the URI rule lives with the registry
 
 RUN_NAME_TAG = "distar.run_name"
 MODEL_ARTIFACT = "generator"
+LORA_ARTIFACT = "lora_adapters"
 log = logging.getLogger(__name__)
 
 
@@ -184,19 +185,27 @@ def pipeline_of(model_dir: Path, workdir: Path) -> Path:
 
 def register_generator(uri: str, run_id: str, checkpoint_dir: Path, name: str, alias: str) -> dict[str, str]:
     """Log the EMA generator of `checkpoint_dir` (a run's final/, on the run's storage) as a pyfunc whose
-    artifact is its diffusers pipeline (distar.serving.pyfunc), register a version, set `alias`."""
+    artifact is its diffusers pipeline (distar.serving.pyfunc), register a version, set `alias`. A LoRA run's
+    adapters (final/pytorch_lora_weights.safetensors) are logged beside it as `lora_adapters/`, and the version's
+    tag `distar.lora_adapters` gives their runs:/ URI (download it, then `pipe.load_lora_weights(dir)` on the
+    base pipeline: megabytes instead of a UNet)."""
     import mlflow
 
     from .serving.pyfunc import log_pyfunc
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    adapters = Path(checkpoint_dir) / ADAPTER_FILE
+    tags = {"distar.run_id": run_id}
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = pipeline_of(Path(checkpoint_dir), Path(tmp))
         with mlflow.start_run(run_id=run_id):
             info = log_pyfunc(pipeline, tmp, MODEL_ARTIFACT)
+            if adapters.is_file():  # a LoRA run: its adapters too, for load_lora_weights on the base pipeline
+                mlflow.log_artifact(str(adapters), LORA_ARTIFACT)
+                tags["distar.lora_adapters"] = f"runs:/{run_id}/{LORA_ARTIFACT}"
     client = mlflow_client(uri)
-    version = mlflow.register_model(info.model_uri, name, tags={"distar.run_id": run_id})
+    version = mlflow.register_model(info.model_uri, name, tags=tags)
     client.set_registered_model_alias(name, alias, version.version)
     return {"registered_model": name, "version": str(version.version), "alias": alias,
             "model_uri": f"models:/{name}@{alias}"}

@@ -3,6 +3,8 @@ reads; `train.keep_checkpoints` prunes older complete checkpoints, never one bei
 trained in this process."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -56,6 +58,20 @@ def test_lora_run_checkpoints_adapters_and_diffusers_loads_them(pipeline_dirs, t
         got, want = pipe.unet(x, t, encoder_hidden_states=text).sample, trained(x, t, encoder_hidden_states=text).sample
     assert (want - plain).abs().max() > 1e-4                       # training moved the adapters
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    # registration: the pipeline as the model, the adapters beside it (their URI in the version's tags)
+    import mlflow
+    from mlflow import MlflowClient
+
+    from distar.tracking import register_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    reg = register_run(tmp_path / "run", uri, name="tiny-lora")
+    client = MlflowClient(uri, registry_uri=uri)
+    version = client.get_model_version("tiny-lora", reg["version"])
+    mlflow.set_tracking_uri(uri)
+    got_dir = mlflow.artifacts.download_artifacts(version.tags["distar.lora_adapters"], dst_path=str(tmp_path / "dl"))
+    assert (Path(got_dir) / ckpt.ADAPTER_FILE).read_bytes() == (final / ckpt.ADAPTER_FILE).read_bytes()
 
     res = run_training(_cfg(ref, tmp_path / "run", 4))            # resumes from the adapters-only checkpoint
     assert [h["step"] for h in res.history] == [4]
