@@ -5,8 +5,6 @@ built on the meta device."""
 from __future__ import annotations
 
 import copy
-import tempfile
-from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +20,8 @@ from distar.checkpoint import StateIO
 from distar.train_loop import LoopHooks, build_state
 from distar.train_step import fake_update, generator_loss, generator_update
 from distar.worlds.gaussian2d import Generator2D, RegionReward
+
+from .gloo import run_group
 
 WORLD = 2
 PROMPTS = ["class 0", "class 1", "class 2", "class 3"] * 8
@@ -171,30 +171,17 @@ def _check_state_round_trip(cfg, mesh, rank, tmp: Path) -> None:
             _close(p, q, f"whole {k}")
 
 
-def _worker(rank: int, init_file: str, tmp: str) -> None:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        cfg = load_config("gaussian2d", ["model.init=narrow", "loss.alpha_rew=0.5", "reward.terms=[{name: region}]",
-                                         "model.hidden=32"])
-        _check_steps_match_unsharded(cfg, mesh, rank)
-        _check_frozen_reference(mesh, rank)
-        _check_state_round_trip(cfg, mesh, rank, Path(tmp))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, mesh, tmp: str) -> None:
+    cfg = load_config("gaussian2d", ["model.init=narrow", "loss.alpha_rew=0.5", "reward.terms=[{name: region}]",
+                                     "model.hidden=32"])
+    _check_steps_match_unsharded(cfg, mesh, rank)
+    _check_frozen_reference(mesh, rank)
+    _check_state_round_trip(cfg, mesh, rank, Path(tmp))
 
 
 @pytest.mark.timeout(120)
 def test_two_process_fsdp_matches_unsharded_training_and_round_trips_state(tmp_path):
-    import torch.multiprocessing as mp
-
-    init_file = tempfile.mktemp(prefix="distar-fsdp-init-", dir=tmp_path)
-    mp.spawn(_worker, args=(init_file, str(tmp_path)), nprocs=WORLD, join=True)
+    run_group(_worker, WORLD, tmp_path, str(tmp_path))
 
 
 def test_sdxl_unet_units_are_transformer_and_resnet_blocks():
@@ -231,11 +218,9 @@ def _owned(root: nn.Module, units: list[nn.Module]) -> dict[int, int]:
     return owned
 
 
-def _sdxl_worker(rank: int, init_file: str, reference: str) -> None:
+def _sdxl_worker(rank: int, mesh, reference: str) -> None:
     """One DI* step (fake + generator, CFG reference, reward through the VAE) on a tiny SDXL with everything
     sharded: per-block units in the trained UNets, the frozen reference, VAE (decode) and text encoders."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     try:
@@ -247,51 +232,40 @@ def _sdxl_worker(rank: int, init_file: str, reference: str) -> None:
     from distar.fsdp import shard_module
     from distar.train_step import TrainState, build_optimizer, train_step
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        bundles = [tiny_sd.build("sdxl", Path(reference), guidance_scale=3.0) for _ in range(2)]
-        sh, plain = bundles
-        plain.generator.load_state_dict(sh.generator.state_dict())
-        plain.fake_score.load_state_dict(sh.fake_score.state_dict())
-        assert len(shard_frozen(sh, mesh, frozen_min_params=0, max_params=3000)) == 4
-        n_units = len(shard_units(sh.generator, 3000))
-        for net in (sh.generator, sh.fake_score):
-            shard_module(net, mesh, max_params=3000)
-        assert n_units > 10 and all(isinstance(p, DTensor) for m in sh.frozen_modules() for p in m.parameters())
+    bundles = [tiny_sd.build("sdxl", Path(reference), guidance_scale=3.0) for _ in range(2)]
+    sh, plain = bundles
+    plain.generator.load_state_dict(sh.generator.state_dict())
+    plain.fake_score.load_state_dict(sh.fake_score.state_dict())
+    assert len(shard_frozen(sh, mesh, frozen_min_params=0, max_params=3000)) == 4
+    n_units = len(shard_units(sh.generator, 3000))
+    for net in (sh.generator, sh.fake_score):
+        shard_module(net, mesh, max_params=3000)
+    assert n_units > 10 and all(isinstance(p, DTensor) for m in sh.frozen_modules() for p in m.parameters())
 
-        class MeanBrightness(nn.Module):
-            def forward(self, images, prompts):
-                return images.mean(dim=(1, 2, 3))
+    class MeanBrightness(nn.Module):
+        def forward(self, images, prompts):
+            return images.mean(dim=(1, 2, 3))
 
-        reward = LocalRewardClient(WeightedReward([("brightness", 1.0, MeanBrightness())]))
-        states = [TrainState(bundle=b, generator=b.generator, fake_score=b.fake_score,
-                             generator_opt=build_optimizer(b.generator, 1e-3, (0.9, 0.999), 0.01),
-                             fake_opt=build_optimizer(b.fake_score, 1e-3, (0.9, 0.999), 0.01),
-                             ema=EMA(b.generator, 0.9)) for b in bundles]
-        for st in states:  # same data on both ranks: the averaged gradient is the single-process one
-            train_step(st, ["a photo of a cat", "a red house"], LossConfig(alpha_rew=10.0, c=1.0), fake_steps=1,
-                       grad_clip=1e9, reward=reward, rng=torch.Generator().manual_seed(0))
-        for (k, p), q in zip(sh.generator.named_parameters(), plain.generator.parameters()):
-            scale = q.grad.abs().max() + 1e-12
-            assert (_full(p.grad) - q.grad).abs().max() <= 1e-4 * scale, k
-        assert all(p.grad is None for m in sh.frozen_modules() for p in m.parameters())
-        assert all(isinstance(p.grad, DTensor) for p in sh.fake_score.parameters())
-    finally:
-        dist.destroy_process_group()
+    reward = LocalRewardClient(WeightedReward([("brightness", 1.0, MeanBrightness())]))
+    states = [TrainState(bundle=b, generator=b.generator, fake_score=b.fake_score,
+                         generator_opt=build_optimizer(b.generator, 1e-3, (0.9, 0.999), 0.01),
+                         fake_opt=build_optimizer(b.fake_score, 1e-3, (0.9, 0.999), 0.01),
+                         ema=EMA(b.generator, 0.9)) for b in bundles]
+    for st in states:  # same data on both ranks: the averaged gradient is the single-process one
+        train_step(st, ["a photo of a cat", "a red house"], LossConfig(alpha_rew=10.0, c=1.0), fake_steps=1,
+                   grad_clip=1e9, reward=reward, rng=torch.Generator().manual_seed(0))
+    for (k, p), q in zip(sh.generator.named_parameters(), plain.generator.parameters()):
+        scale = q.grad.abs().max() + 1e-12
+        assert (_full(p.grad) - q.grad).abs().max() <= 1e-4 * scale, k
+    assert all(p.grad is None for m in sh.frozen_modules() for p in m.parameters())
+    assert all(isinstance(p.grad, DTensor) for p in sh.fake_score.parameters())
 
 
 @pytest.mark.timeout(120)
 def test_two_process_fsdp_sdxl_step_matches_unsharded(tmp_path):
     pytest.importorskip("diffusers")
-    import torch.multiprocessing as mp
-
     try:
         from . import tiny_sd
     except ImportError:
         import tiny_sd
-    reference = tiny_sd.save_sdxl(tmp_path)
-    init_file = tempfile.mktemp(prefix="distar-fsdp-init-", dir=tmp_path)
-    mp.spawn(_sdxl_worker, args=(init_file, str(reference)), nprocs=WORLD, join=True)
+    run_group(_sdxl_worker, WORLD, tmp_path, str(tiny_sd.save_sdxl(tmp_path)))

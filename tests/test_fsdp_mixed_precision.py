@@ -5,8 +5,6 @@ reduce-scattered into float32 shards and average the two ranks' batches, and the
 with the policy's bf16 weights within bf16 rounding. A fake score equal to the reference shows no score gap."""
 from __future__ import annotations
 
-import tempfile
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,8 @@ import torch
 from torch import nn
 
 from distar.fsdp import mixed_precision_policy
+
+from .gloo import run_group
 
 WORLD = 2
 PROMPTS = ["a photo of a cat", "a red house"]
@@ -49,9 +49,7 @@ def _generator_grads(bundle, rank_seeds, reward, loss_cfg) -> tuple[dict, torch.
     return {k: _full(p.grad).float() for k, p in bundle.generator.named_parameters()}, torch.stack(gaps)
 
 
-def _worker(rank: int, init_file: str, reference: str) -> None:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+def _worker(rank: int, mesh, reference: str) -> None:
     from torch.distributed.tensor import DTensor
 
     try:
@@ -62,60 +60,50 @@ def _worker(rank: int, init_file: str, reference: str) -> None:
     from distar.fsdp import fsdp_hooks
     from distar.rewards.base import LocalRewardClient, WeightedReward
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
-        hooks = fsdp_hooks(init_device_mesh("cpu", (WORLD,)), rank, max_params=3000, frozen_min_params=10**9,
-                           mixed_precision="bf16")
-        sh, plain = (tiny_sd.build("sdxl", Path(reference), guidance_scale=1.0, dtype="bfloat16") for _ in range(2))
-        assert hooks["prepare_bundle"](sh) == [sh.reference]
-        for net in (sh.generator, sh.fake_score):
-            hooks["wrap"](net)
-        for net in (sh.generator, sh.fake_score):  # the master weights stay float32 shards
-            assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in net.parameters())
-        seen = []
-        sh.fake_score.conv_in.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+    hooks = fsdp_hooks(mesh, rank, max_params=3000, frozen_min_params=10**9,
+                       mixed_precision="bf16")
+    sh, plain = (tiny_sd.build("sdxl", Path(reference), guidance_scale=1.0, dtype="bfloat16") for _ in range(2))
+    assert hooks["prepare_bundle"](sh) == [sh.reference]
+    for net in (sh.generator, sh.fake_score):
+        hooks["wrap"](net)
+    for net in (sh.generator, sh.fake_score):  # the master weights stay float32 shards
+        assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in net.parameters())
+    seen = []
+    sh.fake_score.conv_in.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
 
-        class MeanBrightness(nn.Module):
-            def forward(self, images, prompts):
-                return images.mean(dim=(1, 2, 3))
+    class MeanBrightness(nn.Module):
+        def forward(self, images, prompts):
+            return images.mean(dim=(1, 2, 3))
 
-        reward = LocalRewardClient(WeightedReward([("brightness", 1.0, MeanBrightness())]))
-        loss_cfg = LossConfig(alpha_rew=10.0, c=1.0)
-        _, gap = _generator_grads(sh, [100 + rank], reward, loss_cfg)   # fake = reference, CFG 1
-        assert seen and set(seen) == {torch.bfloat16}, seen              # the policy computes in bf16
-        assert float(gap.max()) < 1e-3, gap
-        for net in (plain.generator, plain.fake_score, plain.reference):  # the policy's compute, without FSDP
-            net.to(torch.bfloat16)
-        for b in (sh, plain):  # a real score gap, so the divergence's gradient is not 0 either
-            b.guidance_scale = 3.0
-            b.generator.zero_grad(set_to_none=True)
-        got, _ = _generator_grads(sh, [200 + rank], reward, loss_cfg)   # FSDP averages the ranks' gradients
-        assert all(p.grad.dtype == torch.float32 for p in sh.generator.parameters())  # reduced into float32 shards
-        want, _ = _generator_grads(plain, [200 + r for r in range(WORLD)], reward, loss_cfg)
-        flat_got, flat_want = (torch.cat([d[k].flatten() for k in sorted(d)]) for d in (got, want))
-        err = float((flat_got - flat_want).norm() / flat_want.norm())
-        # measured 0.038 (the divergence's gradient is a difference of two bf16 networks' Jacobians); a missing
-        # reduction (this rank's gradient alone) is 1.3-1.6 away, float32 weights without FSDP 0.066
-        assert flat_want.norm() > 0 and err < 0.1, err
-        before = {k: _full(p).clone() for k, p in sh.generator.named_parameters()}
-        torch.optim.AdamW(sh.generator.parameters(), lr=1e-3).step()     # a step on the float32 shards
-        assert all(p.dtype == torch.float32 for p in sh.generator.parameters())
-        assert any(not torch.equal(_full(p), before[k]) for k, p in sh.generator.named_parameters())
-    finally:
-        dist.destroy_process_group()
+    reward = LocalRewardClient(WeightedReward([("brightness", 1.0, MeanBrightness())]))
+    loss_cfg = LossConfig(alpha_rew=10.0, c=1.0)
+    _, gap = _generator_grads(sh, [100 + rank], reward, loss_cfg)   # fake = reference, CFG 1
+    assert seen and set(seen) == {torch.bfloat16}, seen              # the policy computes in bf16
+    assert float(gap.max()) < 1e-3, gap
+    for net in (plain.generator, plain.fake_score, plain.reference):  # the policy's compute, without FSDP
+        net.to(torch.bfloat16)
+    for b in (sh, plain):  # a real score gap, so the divergence's gradient is not 0 either
+        b.guidance_scale = 3.0
+        b.generator.zero_grad(set_to_none=True)
+    got, _ = _generator_grads(sh, [200 + rank], reward, loss_cfg)   # FSDP averages the ranks' gradients
+    assert all(p.grad.dtype == torch.float32 for p in sh.generator.parameters())  # reduced into float32 shards
+    want, _ = _generator_grads(plain, [200 + r for r in range(WORLD)], reward, loss_cfg)
+    flat_got, flat_want = (torch.cat([d[k].flatten() for k in sorted(d)]) for d in (got, want))
+    err = float((flat_got - flat_want).norm() / flat_want.norm())
+    # measured 0.038 (the divergence's gradient is a difference of two bf16 networks' Jacobians); a missing
+    # reduction (this rank's gradient alone) is 1.3-1.6 away, float32 weights without FSDP 0.066
+    assert flat_want.norm() > 0 and err < 0.1, err
+    before = {k: _full(p).clone() for k, p in sh.generator.named_parameters()}
+    torch.optim.AdamW(sh.generator.parameters(), lr=1e-3).step()     # a step on the float32 shards
+    assert all(p.dtype == torch.float32 for p in sh.generator.parameters())
+    assert any(not torch.equal(_full(p), before[k]) for k, p in sh.generator.named_parameters())
 
 
 @pytest.mark.timeout(300)  # ~110 s on two loaded shared cores
 def test_two_process_fsdp_bf16_policy_keeps_float32_masters_and_matches_unsharded(tmp_path):
     pytest.importorskip("diffusers")
-    import torch.multiprocessing as mp
-
     try:
         from . import tiny_sd
     except ImportError:
         import tiny_sd
-    reference = tiny_sd.save_sdxl(tmp_path)
-    init_file = tempfile.mktemp(prefix="distar-fsdp-mp-init-", dir=tmp_path)
-    mp.spawn(_worker, args=(init_file, str(reference)), nprocs=WORLD, join=True)
+    run_group(_worker, WORLD, tmp_path, str(tiny_sd.save_sdxl(tmp_path)))

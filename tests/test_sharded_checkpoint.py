@@ -5,8 +5,6 @@ moment and EMA weight equal to the saved ones, bit for bit. The DCP metadata is 
 from __future__ import annotations
 
 import pickle
-import tempfile
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,10 +14,8 @@ from distar import checkpoint as ckpt
 from distar.config import LossConfig, load_config
 from distar.train_loop import LoopHooks, build_state
 
-try:
-    from . import tiny_sd
-except ImportError:
-    import tiny_sd
+from . import tiny_sd
+from .gloo import run_group
 
 CPU = torch.device("cpu")
 G2D = ["model.init=narrow", "model.hidden=32"]
@@ -71,16 +67,6 @@ def _full(state, io) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in flat.items()}   # whole modules' state dicts alias the live parameters
 
 
-def _init(rank: int, world: int, init_file: str):
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=90))
-    return init_device_mesh("cpu", (world,))
-
-
 def _fsdp_parts(rank: int, world: int, mesh, reference: Path, seed: int):
     from distar.fsdp import FSDPStateIO, fsdp_hooks
 
@@ -88,42 +74,32 @@ def _fsdp_parts(rank: int, world: int, mesh, reference: Path, seed: int):
     return FSDPStateIO(rank), {"g2d": _g2d_state(hooks, seed), "sdxl": _sdxl_state(reference, mesh, seed)}
 
 
-def _save_worker(rank: int, world: int, init_file: str, tmp: str, reference: str) -> None:
+def _save_worker(rank: int, mesh, world: int, tmp: str, reference: str) -> None:
     import torch.distributed as dist
 
-    mesh = _init(rank, world, init_file)
-    try:
-        io, states = _fsdp_parts(rank, world, mesh, Path(reference), seed=0)
-        for name, state in states.items():
-            _train(state, name)
-            path = io.save_step(state, Path(tmp) / name, RNG, "name: x\n", {"step": state.step})
-            want = _full(state, io)
-            if rank == 0:
-                torch.save(want, Path(tmp) / f"{name}_want.pt")
-                assert path == ckpt.step_dir(Path(tmp) / name, state.step)
-                shards = sorted(p.name for p in (path / ckpt.SHARDS_DIR).glob("*.distcp"))
-                assert len(shards) == world, shards          # each rank wrote its own file
-                assert not (path / ckpt.STATE_FILE).exists() and not (path / ckpt.GENERATOR_FILE).exists()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    io, states = _fsdp_parts(rank, world, mesh, Path(reference), seed=0)
+    for name, state in states.items():
+        _train(state, name)
+        path = io.save_step(state, Path(tmp) / name, RNG, "name: x\n", {"step": state.step})
+        want = _full(state, io)
+        if rank == 0:
+            torch.save(want, Path(tmp) / f"{name}_want.pt")
+            assert path == ckpt.step_dir(Path(tmp) / name, state.step)
+            shards = sorted(p.name for p in (path / ckpt.SHARDS_DIR).glob("*.distcp"))
+            assert len(shards) == world, shards          # each rank wrote its own file
+            assert not (path / ckpt.STATE_FILE).exists() and not (path / ckpt.GENERATOR_FILE).exists()
+    dist.barrier()
 
 
-def _load_worker(rank: int, world: int, init_file: str, tmp: str, reference: str) -> None:
-    import torch.distributed as dist
-
-    mesh = _init(rank, world, init_file)
-    try:
-        io, states = _fsdp_parts(rank, world, mesh, Path(reference), seed=5)
-        for name, state in states.items():
-            before = _full(state, io)
-            rng = io.load(state, ckpt.latest_checkpoint(Path(tmp) / name))
-            assert state.step == (2 if name == "g2d" else 1) and torch.equal(rng["loop"][0], RNG["loop"][0])
-            got = _full(state, io)
-            if rank == 0:
-                _check_equal(got, torch.load(Path(tmp) / f"{name}_want.pt", weights_only=True), before, name)
-    finally:
-        dist.destroy_process_group()
+def _load_worker(rank: int, mesh, world: int, tmp: str, reference: str) -> None:
+    io, states = _fsdp_parts(rank, world, mesh, Path(reference), seed=5)
+    for name, state in states.items():
+        before = _full(state, io)
+        rng = io.load(state, ckpt.latest_checkpoint(Path(tmp) / name))
+        assert state.step == (2 if name == "g2d" else 1) and torch.equal(rng["loop"][0], RNG["loop"][0])
+        got = _full(state, io)
+        if rank == 0:
+            _check_equal(got, torch.load(Path(tmp) / f"{name}_want.pt", weights_only=True), before, name)
 
 
 def _check_equal(got: dict, want: dict, before: dict, what: str) -> None:
@@ -133,23 +109,12 @@ def _check_equal(got: dict, want: dict, before: dict, what: str) -> None:
     assert any(not torch.equal(before[k], want[k]) for k in want if k in before), what  # the load changed them
 
 
-def _spawn(fn, world: int, tmp: Path, reference: Path) -> None:
-    """`world` gloo processes, forked: they inherit this process's imports (spawning re-imports diffusers and
-    transformers in each, most of the test's time on a loaded machine)."""
-    import torch.multiprocessing as mp
-
-    init_file = tempfile.mktemp(prefix="distar-dcp-init-", dir=tmp)
-    mp.start_processes(fn, args=(world, init_file, str(tmp), str(reference)), nprocs=world, join=True,
-                       start_method="fork")
-
-
 @pytest.mark.timeout(300)
 def test_sharded_checkpoint_from_two_ranks_resumes_on_three_one_and_no_process_group(tmp_path, one_thread):
     pytest.importorskip("diffusers")
     reference = tiny_sd.save_sdxl(tmp_path / "pipe")
-    _spawn(_save_worker, 2, tmp_path, reference)
-    _spawn(_load_worker, 3, tmp_path, reference)
-    _load_worker(0, 1, tempfile.mktemp(prefix="distar-dcp-init-", dir=tmp_path), str(tmp_path), str(reference))
+    for worker, world in ((_save_worker, 2), (_load_worker, 3), (_load_worker, 1)):
+        run_group(worker, world, tmp_path, world, str(tmp_path), str(reference))
     # whole modules in this process (no process group): the same checkpoint, the same tensors
     states = {"g2d": _g2d_state(LoopHooks(), seed=5), "sdxl": _sdxl_state(reference, None, seed=5)}
     for name, state in states.items():
