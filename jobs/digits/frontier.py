@@ -41,7 +41,7 @@ METHODS: dict[str, dict] = {
     "DIDR (KL, diffused reward K=1)": {
         "overrides": ["loss.divergence=kl", "loss.weighting=uniform", "loss.reward_mode=diffused",
                       "loss.drp_steps=1"],
-        "alphas": (1.0, 3.0)},
+        "alphas": (1.0, 3.0, 5.0, 10.0)},  # 5, 10: at 1 and 3 DIDR stayed below 2x the reference's Frechet on 2 seeds
 }
 LR = "train.generator_optim.lr=5e-5"  # the frontier's generator lr (digits.yaml's default moved to the demo's 2e-5)
 # methods without their own alpha=0 run -> the run that stands for it (DIDR at beta = 1/alpha_rew = inf is DI++'s
