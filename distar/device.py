@@ -7,14 +7,18 @@ import torch
 from .errors import UserError
 
 
-def pick_device(device: str | torch.device) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU raises UserError naming the value."""
+def pick_device(device: str | torch.device, arg: str = "device") -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU, or a name torch does not know, raises
+    UserError naming `arg` (the flag or field the value came from) and the value."""
     name = str(device)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r}: no CUDA device is available here (use 'auto' or 'cpu')")
-    return torch.device(name)
+        raise UserError(f"{arg} {name!r}: no CUDA device is available here (use 'auto' or 'cpu')")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{arg} {name!r}: expected auto, cpu, cuda or cuda:N") from None
 
 
 def inference_dtype(device: str | torch.device) -> torch.dtype:

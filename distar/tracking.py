@@ -187,8 +187,8 @@ def register_generator(uri: str, run_id: str, checkpoint_dir: Path, name: str, a
     """Log the EMA generator of `checkpoint_dir` (a run's final/, on the run's storage) as a pyfunc whose
     artifact is its diffusers pipeline (distar.serving.pyfunc), register a version, set `alias`. A LoRA run's
     adapters (final/pytorch_lora_weights.safetensors) are logged beside it as `lora_adapters/`, and the version's
-    tag `distar.lora_adapters` gives their runs:/ URI (download it, then `pipe.load_lora_weights(dir)` on the
-    base pipeline: megabytes instead of a UNet)."""
+    tag `distar.lora_adapters` gives their runs:/ URI (download it, then `pipe.load_lora_weights(dir)` on a
+    pipeline whose UNet is the one the run started from, e.g. DMD2's: megabytes instead of a UNet)."""
     import mlflow
 
     from .serving.pyfunc import log_pyfunc

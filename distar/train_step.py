@@ -176,13 +176,11 @@ def diffused_reward_target(bundle: ModelBundle, cond: Any, prompts: Sequence[str
     """DIDR's plug-in: e_target = e_ref - sigma_t * s_r, with s_r the K-step diffused reward proxy
     (`diffused_reward.diffused_reward_score`) whose image gradient comes from `reward`, as for the x0 term."""
     def target(x_t, t, sigma, e_r):
-        outs, retries = [], []
+        outs, pendings = [], []
 
         def reward_grad(image: torch.Tensor) -> torch.Tensor:
-            pending = reward.submit(image, prompts, with_grad=True)
-            outs.append(pending.result())
-            if hasattr(pending, "service_retries"):  # rewards on Serve, as for the x0 term
-                retries.append(pending.service_retries)
+            pendings.append(reward.submit(image, prompts, with_grad=True))
+            outs.append(pendings[-1].result())
             return outs[-1].grad.to(image.device)
 
         s_r = diffused_reward.diffused_reward_score(
@@ -193,8 +191,8 @@ def diffused_reward_target(bundle: ModelBundle, cond: Any, prompts: Sequence[str
         metrics = {"reward/drp_total": out.total.float().mean(), "reward/beta": torch.tensor(float(beta)),
                    "reward/drp_score_norm": s_r.float().flatten(1).norm(dim=1).mean(),
                    **{f"reward/drp_{k}": v.float().mean() for k, v in out.parts.items()}}
-        if retries:
-            metrics["reward/service_retries"] = torch.tensor(float(retries[-1]))
+        if hasattr(pendings[-1], "service_retries"):  # rewards on Serve: the client's running total, as for x0
+            metrics["reward/service_retries"] = torch.tensor(float(pendings[-1].service_retries))
         return losses.reward_corrected_eps(e_r, sigma, s_r), metrics
     return target
 

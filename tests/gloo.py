@@ -5,6 +5,8 @@
 The processes are forked: they inherit this process's imports (spawning re-imports torch, diffusers and
 transformers in each, most of such a test's time on two cores), and `worker` may be any callable. Each sets
 one torch thread; the group is destroyed when the worker returns or raises (an exception fails the test).
+Forking is safe for these workers because they use the CPU only and touch neither CUDA nor Ray: a parent that
+has initialised CUDA cannot fork, and a child must not use the parent's Ray/gRPC connections.
 """
 from __future__ import annotations
 

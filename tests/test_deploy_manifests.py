@@ -191,6 +191,9 @@ def _capacity(group: dict, resource: str) -> float:
 def test_the_rayjob_entrypoint_resolves_offline_and_fits_its_cluster(capsys, tmp_path):
     job = one("RayJob")
     cfg = _run_entrypoint(capsys, tmp_path, job["spec"]["entrypoint"])
+    from distar.memory_plan import require_fit
+
+    require_fit(cfg)  # the check jobs.train runs before workers start: the shipped run fits its GPUs
     assert cfg.name and str(cfg.train.out_dir).startswith("/shared/") and cfg.ray.storage_path.startswith("/shared/")
     assert cfg.mlflow.enabled and cfg.mlflow.tracking_uri is None  # taken from $MLFLOW_TRACKING_URI
     served = yaml.safe_load((ROOT / "deploy/serve_generator_cluster.yaml").read_text())

@@ -141,6 +141,8 @@ def test_bad_inputs_name_the_argument(fx, tmp_path, capsys, count_generation):
     bad[bad.index("--models") + 1] = f"ref=ref@2:{tmp_path}"  # a directory that is not a pipeline
     _one_line_error(capsys, bad, "--models")
     _one_line_error(capsys, argv + ["--clip-fd", str(fx["clip_score"])], "--clip-fd")  # without --fid-ref
+    _one_line_error(capsys, argv + ["--fid-ref", str(tmp_path / "nowhere")], "--fid-ref")  # before generating
+    _one_line_error(capsys, argv + ["--device", "gpu"], "--device 'gpu': expected auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        _one_line_error(capsys, argv + ["--device", "cuda:7"], "device 'cuda:7'")
+        _one_line_error(capsys, argv + ["--device", "cuda:7"], "--device 'cuda:7'")
     assert count_generation == []  # every error came before any generation

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distar.errors import UserError
-from distar.evaluation.fid import FolderDistances, load_reference_images
+from distar.evaluation.fid import FolderDistances, read_image, reference_files
 
 from . import tiny_sd
 from .fid_fixtures import save_image_folder, save_random_inception
@@ -28,33 +28,42 @@ def _images(seed: int, n: int = 6, size: int = 32, shift: float = 0.0) -> torch.
 
 
 def test_fid_and_clip_fd_rank_a_shifted_set_farther_than_a_resample(weights, tmp_path):
-    ref = load_reference_images(save_image_folder(tmp_path / "ref", _images(0)))
-    assert len(ref) == 6 and ref[0].shape == (3, 32, 32) and 0 <= float(ref[0].min()) <= float(ref[0].max()) <= 1
-    dist = FolderDistances(ref, str(weights["inception"]), str(weights["clip"]), batch=5)
-    same = dist(torch.stack(ref), "same")            # the folder's own images, read back
+    files = reference_files(save_image_folder(tmp_path / "ref", _images(0)))
+    assert len(files) == 6 and read_image(files[0]).dtype == torch.uint8 and read_image(files[0]).shape == (3, 32, 32)
+    dist = FolderDistances(files, str(weights["inception"]), str(weights["clip"]), batch=4)
+    same = dist(torch.stack([read_image(p) for p in files]).float() / 255, "same")  # the folder's own images
     near = dist(_images(1), "resample")              # the same distribution, other draws
     far = dist(_images(1, shift=0.4), "shifted")      # brighter: another distribution
     assert set(same) == {"FID", "CLIP-FD"}
     for k in same:
         assert abs(same[k]) < 1e-3 * max(far[k], 1e-6), (k, same, far)   # rounding only
         assert 0 < near[k] < far[k], (k, near, far)
-    # (three models in a row against one reference: its statistics survive each model's reset)
+    # each model is measured alone against the kept reference: the same images again give the same numbers
+    assert dist(_images(1), "resample again") == near
 
 
-def test_reference_folder_of_mixed_sizes_and_bad_inputs(weights, tmp_path):
+def test_reference_folder_of_mixed_sizes_limit_and_bad_inputs(weights, tmp_path):
     save_image_folder(tmp_path / "mixed", _images(0, n=3, size=32))
     save_image_folder(tmp_path / "mixed" / "big", _images(2, n=3, size=48))
-    ref = load_reference_images(tmp_path / "mixed")
-    assert sorted({tuple(x.shape) for x in ref}) == [(3, 32, 32), (3, 48, 48)]
-    FolderDistances(ref, str(weights["inception"]), None, batch=4)  # batches never mix sizes
+    files = reference_files(tmp_path / "mixed")
+    assert sorted({tuple(read_image(p).shape) for p in files}) == [(3, 32, 32), (3, 48, 48)]
+    assert reference_files(tmp_path / "mixed", limit=2) == files[:2]
+    FolderDistances(files, str(weights["inception"]), None, batch=4)  # batches never mix sizes
 
     with pytest.raises(UserError, match=r"--fid-ref .*not a directory"):
-        load_reference_images(tmp_path / "nowhere")
+        reference_files(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"--fid-ref .*found 0 image"):
-        load_reference_images(tmp_path / "empty")
+        reference_files(tmp_path / "empty")
+    with pytest.raises(UserError, match=r"--fid-limit 1"):
+        reference_files(tmp_path / "mixed", limit=1)
     with pytest.raises(UserError, match=r"--fid-weights .*no such file"):
-        FolderDistances(ref, str(tmp_path / "missing.pth"), None)
+        FolderDistances(files, str(tmp_path / "missing.pth"), None)
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match=r"--fid-weights .*not torch-fidelity's Inception-v3 state dict"):
+        FolderDistances(files, str(tmp_path / "other.pth"), None)
+    with pytest.raises(UserError, match=r"--clip-fd"):
+        FolderDistances(files, str(weights["inception"]), str(tmp_path / "empty"))
 
 
 class _Boom:
@@ -67,17 +76,17 @@ def test_pickled_code_as_inception_weights_is_refused_not_run(weights, tmp_path,
     monkeypatch.setenv("DISTAR_FID_MARK", str(mark))
     bad = tmp_path / "weights-inception.pth"
     bad.write_bytes(pickle.dumps({"Conv2d_1a_3x3.conv.weight": _Boom()}))
-    ref = load_reference_images(save_image_folder(tmp_path / "ref", _images(0, n=3)))
+    files = reference_files(save_image_folder(tmp_path / "ref", _images(0, n=3)))
     with pytest.raises(UserError, match=r"--fid-weights .*refused without running it"):
-        FolderDistances(ref, str(bad), None)
+        FolderDistances(files, str(bad), None)
     assert not mark.exists()
 
 
 def test_safetensors_inception_weights_give_the_same_fid(weights, tmp_path):
     from safetensors.torch import save_file
 
-    st = tmp_path / "inception.safetensors"
+    st = tmp_path / "inception.SafeTensors"
     save_file({k: v.contiguous() for k, v in torch.load(weights["inception"], weights_only=True).items()}, str(st))
-    ref = load_reference_images(save_image_folder(tmp_path / "ref", _images(0, n=2)))
+    files = reference_files(save_image_folder(tmp_path / "ref", _images(0, n=2)))
     x = _images(3, n=2)
-    assert FolderDistances(ref, str(st), None)(x) == FolderDistances(ref, str(weights["inception"]), None)(x)
+    assert FolderDistances(files, str(st), None)(x) == FolderDistances(files, str(weights["inception"]), None)(x)

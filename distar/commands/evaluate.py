@@ -42,6 +42,8 @@ def add_parser(sub) -> None:
                    help="weights of multi-step references (auto: bf16/fp16 on a GPU, float32 on a CPU)")
     g.add_argument("--fid-ref", default=None, metavar="DIR",
                    help="a folder of reference images: adds FID (torchmetrics) against it")
+    g.add_argument("--fid-limit", type=int, default=None, metavar="N",
+                   help="the first N reference images (sorted by path) only")
     g.add_argument("--fid-weights", default=None, metavar="PATH",
                    help="torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth); "
                         "default: downloaded by torch-fidelity")
@@ -70,18 +72,19 @@ def _run_prompts(args: argparse.Namespace, out: Path) -> int:
     from ..evaluation.run import PromptEval, evaluate_prompts
     from ..evaluation.scoring import local_reward_client
 
+    from ..device import pick_device
+
+    device = str(pick_device(args.device, arg="--device"))  # once, before anything loads
     if args.rewards_backend == "serve":
         from services.reward_service import serve_reward_client as open_client
     else:
-        from ..device import pick_device
-
-        open_client = partial(local_reward_client, device=pick_device(args.device))
+        open_client = partial(local_reward_client, device=device)
     opts = PromptEval(prompts=args.prompts, models=args.models, out=out, rewards=args.rewards or [],
                       limit=args.limit, images_per_prompt=args.images_per_prompt, steps=args.steps,
-                      guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                      guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, device=device,
                       dtype=args.dtype, rewards_backend=args.rewards_backend, mlflow=args.mlflow,
                       mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment, fid_ref=args.fid_ref,
-                      fid_weights=args.fid_weights, clip_fd=args.clip_fd)
+                      fid_weights=args.fid_weights, clip_fd=args.clip_fd, fid_limit=args.fid_limit)
     evaluate_prompts(opts, open_client)
     return 0
 

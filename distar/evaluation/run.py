@@ -59,6 +59,7 @@ class PromptEval:
     fid_ref: str | None = None        # a folder of reference images: FID (and CLIP-FD) columns against it
     fid_weights: str | None = None    # torch-fidelity's Inception-v3 weights file (None: it downloads them)
     clip_fd: str | None = None        # an open_clip spec: CLIP-FD against fid_ref too
+    fid_limit: int | None = None      # the first N reference images only
 
 
 def resolve_device(opts: PromptEval) -> PromptEval:
@@ -129,15 +130,15 @@ def _score_all(opts: PromptEval, rewards, images: dict, texts: list[str],
     return scores
 
 
-def _folder_distances(opts: PromptEval, images: dict) -> tuple[dict[str, dict[str, float]], int]:
-    """({label: {'FID': .., 'CLIP-FD': ..}}, number of reference images) against opts.fid_ref; ({}, 0) without."""
+def _open_folder_distances(opts: PromptEval):
+    """FolderDistances for opts.fid_ref (reference statistics computed now, before any generation, so a bad
+    folder, weights file or CLIP spec fails at once); None without --fid-ref."""
     if not opts.fid_ref:
-        return {}, 0
-    from .fid import FolderDistances, load_reference_images
+        return None
+    from .fid import FolderDistances, reference_files
 
-    dist = FolderDistances(load_reference_images(opts.fid_ref), opts.fid_weights, opts.clip_fd, opts.device,
-                           batch=max(opts.batch_size * opts.images_per_prompt, 8))
-    return {label: dist(x, label) for label, x in images.items()}, dist.n_ref
+    return FolderDistances(reference_files(opts.fid_ref, opts.fid_limit), opts.fid_weights, opts.clip_fd,
+                           opts.device, batch=max(opts.batch_size * opts.images_per_prompt, 8))
 
 
 def _rows(caches: dict, meta: dict, images: dict, scores: dict, metrics: list[str], n_prompts: int,
@@ -183,12 +184,14 @@ def evaluate_prompts(opts: PromptEval, open_client: RewardClientFactory) -> dict
     for label, spec in pairs:
         check_eval_spec(label, spec)
     out, n_img = Path(opts.out), opts.images_per_prompt
+    distances = _open_folder_distances(opts)
     caches, meta, generated = _generate_all(opts, pairs, prompts)
     images = {label: _load_all(c, len(prompts), n_img) for label, c in caches.items()}
     all_texts = [p.text for p in prompts for _ in range(n_img)]
     scores = _score_all(opts, rewards, images, all_texts, open_client)
     metrics = [DISPLAY.get(n, n) for n, _ in rewards]
-    folder, n_ref = _folder_distances(opts, images)
+    folder = {label: distances(x, label) for label, x in images.items()} if distances else {}
+    n_ref = distances.n_ref if distances else 0
     rows, columns, ref_label = _rows(caches, meta, images, scores, metrics, len(prompts), n_img, folder)
 
     cat_of = [p.category or "(none)" for p in prompts]

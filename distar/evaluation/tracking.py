@@ -1,5 +1,6 @@
 """Log a finished evaluation to MLflow: one run with the settings as params, `LABEL/METRIC` metrics and the
-output files (tables) as artifacts, the grids and the plot as MLflow images. The URI defaults as for training (sqlite:///./mlflow.db)."""
+output files as artifacts (the grids and the plot also as MLflow images). The URI defaults as for training
+(sqlite:///./mlflow.db)."""
 from __future__ import annotations
 
 import re
@@ -25,10 +26,11 @@ def log_eval(uri: str | None, experiment: str, result: dict, out: Path) -> str:
         for col, v in row.items():
             if col != "model" and isinstance(v, (int, float)):
                 client.log_metric(rid, _key(f"{row['model']}/{col}"), float(v))
-    for name in ("results.md", "results.json", "scores.json"):
+    for name in ("results.md", "results.json", "scores.json", "reward_vs_divergence.png"):
         if (Path(out) / name).is_file():
             client.log_artifact(rid, str(Path(out) / name))
-    # images through MLflow's image API (the UI's image view shows them), grids and the plot alike
+    client.log_artifacts(rid, str(Path(out) / "grids"), "grids")  # where results.md's links point
+    # and through MLflow's image API too (the UI's image view shows them), grids and the plot alike
     pngs = sorted((Path(out) / "grids").glob("*.png")) + [p for p in [Path(out) / "reward_vs_divergence.png"]
                                                            if p.is_file()]
     for png in pngs:

@@ -69,6 +69,20 @@ def test_sigint_while_the_ray_job_starts_gives_one_line_not_a_traceback(tmp_path
     assert err.strip().splitlines()[-1].startswith("jobs.train: "), err[-2000:]
 
 
+def test_keyboard_interrupt_outside_training_is_one_line_and_130(monkeypatch, capsys):
+    """The same, at a known phase: Ctrl-C raised where no stop handler is installed (here: loading the config)."""
+    import jobs.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("distar.config.load_config", interrupted)
+    assert jobs.train.main(["--config", "gaussian2d"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == ["jobs.train: interrupted; checkpoints written so far are kept (the same command "
+                                "resumes)"], err
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sigterm_to_the_ray_driver_saves_on_every_worker_and_resumes(tmp_path):
