@@ -23,11 +23,9 @@ $(STAMP): pyproject.toml $(TORCH_REQUIREMENTS)
 
 setup: $(STAMP)
 
-# The whole suite (CI runs exactly this through .ci/run). Two xdist workers: the tests that start or use Ray, and
-# the fault tests, run one after another on one worker (tests/conftest.py groups them); each other module runs
-# whole on whichever worker is free. Plain `pytest` (one process) runs the same tests.
+# The whole suite (CI runs exactly this through .ci/run).
 test: $(STAMP)
-	timeout 3000 $(PY) -m pytest -q -n 2 --dist loadgroup
+	timeout 3000 $(PY) -m pytest -q
 
 # Math and unit tests only: no Ray, seconds.
 test-fast: $(STAMP)

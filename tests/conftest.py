@@ -12,15 +12,6 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")  # fail, n
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Groups for `pytest -n 2 --dist loadgroup` (make test): every test that starts or uses Ray, and every fault
-    test (their timeouts assume no second Ray run beside them), in one group that one worker runs in order; the
-    other tests grouped by module, so a module-scoped fixture is built once. Without xdist the marks do nothing."""
-    for item in items:
-        cluster = item.get_closest_marker("ray") or item.get_closest_marker("faults")
-        item.add_marker(pytest.mark.xdist_group("cluster" if cluster else item.module.__name__))
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A private 2-CPU local cluster (address='local' never joins another engineer's cluster)."""

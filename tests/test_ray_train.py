@@ -92,11 +92,14 @@ def _kill_a_train_worker_after(checkpoint: Path, delay_s: float, timeout_s: floa
     while not checkpoint.is_dir() and time.monotonic() - t0 < timeout_s:
         time.sleep(0.05)
     time.sleep(delay_s)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if any("RayTrainWorker" in part for part in (proc.info["cmdline"] or [])):
-            os.kill(proc.info["pid"], signal.SIGKILL)
-            seen["killed"] = proc.info["pid"]
-            break
+    for proc in psutil.Process().children(recursive=True):  # this test's own cluster, never another's
+        try:
+            if any("RayTrainWorker" in part for part in proc.cmdline()):
+                os.kill(proc.pid, signal.SIGKILL)
+                seen["killed"] = proc.pid
+                break
+        except psutil.NoSuchProcess:
+            continue
     return seen
 
 
