@@ -49,6 +49,14 @@ def read_png(path: str | Path) -> torch.Tensor:
         return _from_pil(im).float() / 255
 
 
+def read_rgb_u8(path: str | Path) -> torch.Tensor:
+    """Any image file PIL reads (PNG, JPEG, WebP, ...) -> [3, H, W] uint8 RGB."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return _from_pil(im.convert("RGB"))
+
+
 def _from_pil(im) -> torch.Tensor:
     t = torch.from_numpy(np.asarray(im).copy())
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1)

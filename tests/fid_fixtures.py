@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 
 def save_random_inception(path: Path, seed: int = 0) -> Path:
@@ -29,8 +27,9 @@ def save_random_inception(path: Path, seed: int = 0) -> Path:
 
 def save_image_folder(folder: Path, images: torch.Tensor) -> Path:
     """images [N, 3, H, W] in [0, 1] as folder/img_000.png ..."""
+    from distar.images import save_png
+
     folder.mkdir(parents=True, exist_ok=True)
     for i, x in enumerate(images):
-        arr = (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        Image.fromarray(np.ascontiguousarray(arr)).save(folder / f"img_{i:03d}.png")
+        save_png(x, folder / f"img_{i:03d}.png")
     return folder

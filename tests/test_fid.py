@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from distar.errors import UserError
-from distar.evaluation.fid import FolderDistances, read_image, reference_files
+from distar.evaluation.fid import FolderDistances, reference_files
+from distar.images import read_rgb_u8 as read_image
 
 from . import tiny_sd
 from .fid_fixtures import save_image_folder, save_random_inception

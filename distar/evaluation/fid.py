@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..images import read_rgb_u8, to_uint8
 from ..progress import progress
 
 log = logging.getLogger(__name__)
@@ -45,20 +46,6 @@ def reference_files(folder: str | Path, limit: int | None = None) -> list[Path]:
         raise UserError(f"--fid-ref {str(folder)!r}: found {len(files)} image(s) ({', '.join(IMAGE_SUFFIXES)}); "
                         f"a Frechet distance needs at least 2")
     return files
-
-
-def read_image(path: Path) -> torch.Tensor:
-    """One image file as uint8 [3, H, W] (RGB)."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] in [0, 1] -> uint8, rounded (what a PNG of them holds)."""
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _checked_inception_weights(path: str | None, tmp: Path) -> str | None:
@@ -149,7 +136,7 @@ class FolderDistances:
                 feature=OpenCLIPImageFeatures(clip_spec), normalize=False, reset_real_features=False)
         for m in self.metrics.values():
             m.to(self.device)
-        for x in progress(_batches((read_image(p) for p in files), batch), desc="reference features",
+        for x in progress(_batches((read_rgb_u8(p) for p in files), batch), desc="reference features",
                           unit="batch", total=-(-len(files) // batch)):  # exact when the sizes agree
             for m in self.metrics.values():
                 m.update(x.to(self.device), real=True)
