@@ -201,7 +201,7 @@ def register_generator(uri: str, run_id: str, checkpoint_dir: Path, name: str, a
         pipeline = pipeline_of(Path(checkpoint_dir), Path(tmp))
         with mlflow.start_run(run_id=run_id):
             info = log_pyfunc(pipeline, tmp, MODEL_ARTIFACT)
-            if adapters.is_file():  # a LoRA run: its adapters too, for load_lora_weights on the base pipeline
+            if adapters.is_file():  # a LoRA run: its adapters too (load_lora_weights onto its starting UNet)
                 mlflow.log_artifact(str(adapters), LORA_ARTIFACT)
                 tags["distar.lora_adapters"] = f"runs:/{run_id}/{LORA_ARTIFACT}"
     client = mlflow_client(uri)

@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-
     from distar.config import dump_config, load_config
     from distar.errors import UserError
     from distar.logs import setup_logging
