@@ -330,7 +330,7 @@ def _fit(cfg: RunConfig, uri: str | None, run_id: str | None) -> dict:
     if result.error is not None:
         raise result.error
     return {"run_name": cfg.ray.run_name, "workers": cfg.ray.num_workers, "strategy": cfg.ray.strategy,
-            "final_dir": str(Path(cfg.train.out_dir) / "final"), "checkpoint": result.checkpoint.path,
+            "final_dir": str(Path(cfg.train.out_dir) / "final"), "checkpoint": result.checkpoint.path if result.checkpoint else None,
             **(result.metrics or {})}
 
 
@@ -348,6 +348,7 @@ def _in_driver(cfg: RunConfig, uri: str | None, run_id: str | None, stop: StopSi
     try:
         result = run_training(cfg, hooks=hooks, reward_client=reward_client(cfg))
     except TrainingStopped as done:
-        return {"run_name": cfg.ray.run_name, "workers": 0, "step": done.step, "checkpoint": str(done.checkpoint)}
+        return {"run_name": cfg.ray.run_name, "workers": 0, "step": done.step,
+                "checkpoint": str(done.checkpoint) if done.checkpoint else None}
     return {"run_name": cfg.ray.run_name, "workers": 0, "final_dir": str(result.final_dir),
             **(result.history[-1] if result.history else {})}

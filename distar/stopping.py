@@ -8,7 +8,9 @@ Handlers can only be installed from the main thread; elsewhere the flag simply n
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -55,6 +57,31 @@ class StopSignals:
     def exit_code(self) -> int:
         """The shell's convention for "ended by signal N": 130 for SIGINT, 143 for SIGTERM."""
         return 128 + self.signum if self.signum is not None else 0
+
+
+class ExitAtOnce:
+    """Context manager for a phase where nothing is running yet (importing torch, diffusers, Ray): SIGINT prints
+    `line` (stderr) and exits 130 at once. A KeyboardInterrupt raised in the middle of an import leaves modules
+    half-initialised (numpy's lazy `linalg` then recurses until RecursionError), so it must not be raised there."""
+
+    def __init__(self, line: str):
+        self.line = line
+        self._old = None
+
+    def __enter__(self) -> "ExitAtOnce":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+    def _handle(self, signum: int, frame) -> None:
+        sys.stderr.write(self.line + "\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
 
 
 class TrainingStopped(Exception):

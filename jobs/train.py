@@ -17,6 +17,9 @@ import os
 import sys
 
 
+INTERRUPTED = "jobs.train: interrupted; checkpoints written so far are kept (the same command resumes)"
+
+
 def results_table(cfg, final_dir: str, seed: int = 1234) -> str:
     """Markdown before/after table of a small world (worlds without one, e.g. SDXL, get "": the driver then
     loads no model at all). Digits: reference / init / trained on 1,000 samples with the three conditions."""
@@ -54,10 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from distar.stopping import ExitAtOnce
+
+    with ExitAtOnce(INTERRUPTED):  # Ctrl-C while importing torch/diffusers/Ray: nothing runs yet, exit at once
+        import distar.ray_train  # noqa: F401  (the heavy imports _run needs)
+        import services.reward_service  # noqa: F401
     try:
         return _run(args)
     except KeyboardInterrupt:  # Ctrl-C outside training (Ray start-up, the table): the stop handler was not on
-        print("jobs.train: interrupted; checkpoints written so far are kept (the same command resumes)", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
 
 

@@ -167,3 +167,20 @@ def test_sigterm_stops_serve_answers_in_flight_and_leaves_no_ray_processes(regis
     assert len(answers) == 8 and all(isinstance(a, int) for a in answers), answers  # answered, none dropped
     left = [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"Ray processes left behind: {left}"
+
+
+def test_stop_before_any_checkpoint_says_the_command_starts_over(monkeypatch):
+    """A stop during the fake-score warm-up has no checkpoint: the summary holds None (not the string "None"),
+    so the printed line says the rerun starts over instead of naming a checkpoint that does not exist."""
+    from distar.config import load_config
+    from distar.ray_train import _in_driver
+    from distar.stopping import TrainingStopped, stopped_line
+
+    def stopped_in_warmup(*args, **kwargs):
+        raise TrainingStopped(0, None)
+
+    monkeypatch.setattr("distar.train_loop.run_training", stopped_in_warmup)
+    summary = _in_driver(load_config("gaussian2d", []), None, None)
+    assert summary["checkpoint"] is None, summary
+    line = stopped_line("jobs.train", "SIGINT", summary["step"], summary["checkpoint"])
+    assert line.endswith("no checkpoint yet (the fake-score warm-up); the same command starts over"), line
