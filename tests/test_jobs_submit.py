@@ -68,7 +68,7 @@ def local_head():
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
         try:
-            head.wait(timeout=10)
+            head.wait(timeout=3)
         except subprocess.TimeoutExpired:  # its graceful stop can take ~30 s; ours is a throwaway cluster
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=10)
