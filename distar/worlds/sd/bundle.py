@@ -270,6 +270,12 @@ def build_bundle(model_cfg, device: torch.device | str) -> StableDiffusionBundle
             m.to(device)
     generator.train()
     fake.train()
+    return assemble_bundle(model_cfg, parts, generator, fake, device)
+
+
+def assemble_bundle(model_cfg, parts: ReferenceParts, generator: nn.Module, fake: nn.Module,
+                    device: torch.device) -> StableDiffusionBundle:
+    """The bundle over built modules (already on `device`), at `model.resolution` or the UNet's own."""
     vsf = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     resolution = model_cfg.resolution or parts.unet.config.sample_size * vsf
     if resolution % vsf:

@@ -93,11 +93,13 @@ def norms_in_float32(unet: nn.Module) -> None:
             m.float()
 
 
-def load_reference(world: str, source: str, dtype: torch.dtype, variant: Optional[str] = None) -> ReferenceParts:
+def load_reference(world: str, source: str, dtype: torch.dtype, variant: Optional[str] = None,
+                   with_unet: bool = True) -> ReferenceParts:
     """Tokenizers, text encoders, VAE, reference UNet and scheduler of an SD1.5 or SDXL pipeline.
 
     Frozen weights are loaded in `dtype`, except an fp16 VAE whose config asks for upcasting (SDXL's VAE
-    overflows in fp16), which stays in float32.
+    overflows in fp16), which stays in float32. with_unet=False leaves `unet` None (the sharded build makes
+    the reference UNet itself, `distar.worlds.sd.sharded_build`).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -112,7 +114,7 @@ def load_reference(world: str, source: str, dtype: torch.dtype, variant: Optiona
                           f"(an SDXL pipeline? use world: sdxl)")
     f = "model.reference"
     kw = {"torch_dtype": dtype, "variant": variant}
-    unet = _load(UNet2DConditionModel, source, "unet", f, "reference UNet", **kw)
+    unet = _load(UNet2DConditionModel, source, "unet", f, "reference UNet", **kw) if with_unet else None
     vae = _load(AutoencoderKL, source, "vae", f, "VAE", **kw)
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         vae = vae.to(torch.float32)
@@ -133,13 +135,20 @@ def load_reference(world: str, source: str, dtype: torch.dtype, variant: Optiona
                           pipeline_config=pipe_cfg)
 
 
-def _read_state_dict(path: Path, field: str) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, field: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A bare UNet state dict file. mmap: a torch file is memory-mapped (tensors read on first touch; a file in
+    torch's legacy non-zip format cannot be, and is read whole)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not mmap or "zipfile" not in str(err):
+                raise
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle / zip errors come in many types
         raise SDLoadError(f"{field}={str(path)!r}: not a readable torch state dict: {err}") from err
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -151,8 +160,12 @@ def _read_state_dict(path: Path, field: str) -> dict[str, torch.Tensor]:
 
 def check_same_architecture(sd: dict[str, torch.Tensor], like: nn.Module, field: str, source: str) -> None:
     """Raise SDLoadError unless `sd` has exactly the keys and shapes of `like`'s state dict."""
-    ref = {k: tuple(v.shape) for k, v in like.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in sd.items()}
+    check_same_shapes({k: tuple(v.shape) for k, v in sd.items()},
+                      {k: tuple(v.shape) for k, v in like.state_dict().items()}, field, source)
+
+
+def check_same_shapes(got: dict[str, tuple], ref: dict[str, tuple], field: str, source: str) -> None:
+    """Raise SDLoadError unless the key -> shape maps `got` (weights) and `ref` (the reference UNet) are equal."""
     missing = sorted(set(ref) - set(got))
     unexpected = sorted(set(got) - set(ref))
     shapes = sorted(k for k in set(ref) & set(got) if ref[k] != got[k])
@@ -169,19 +182,13 @@ def check_same_architecture(sd: dict[str, torch.Tensor], like: nn.Module, field:
                           + "; ".join(parts))
 
 
-def load_generator_unet(generator: Optional[str], subfolder: Optional[str], file: Optional[str],
-                        reference_unet: nn.Module, variant: Optional[str] = None) -> nn.Module:
-    """The generator's UNet in float32, with the reference UNet's architecture.
-
-    generator None: a copy of the reference UNet. A .bin/.pt/.safetensors file: a bare UNet state dict
-    (DMD2's `dmd2_sdxl_1step_unet_fp16.bin`). A directory or hub id: a diffusers UNet folder (in
-    `subfolder` if given), or, with `file`, a state-dict file inside that hub repo / directory.
-    """
-    from diffusers import UNet2DConditionModel
-
+def resolve_generator(generator: Optional[str], subfolder: Optional[str], file: Optional[str]) -> tuple[str, Path]:
+    """Where `model.generator` points: ("copy", None) for None (a copy of the reference UNet), ("file", path)
+    for a bare UNet state-dict file (downloaded when `file` names one in a hub repo), ("folder", path) for a
+    diffusers UNet folder or hub id (`path` as given, resolved by diffusers / `weight_files`)."""
     field = "model.generator"
     if generator is None:
-        return copy.deepcopy(reference_unet).float()
+        return "copy", None
     path = Path(os.path.expanduser(generator))
     if file is not None:
         if _is_local(generator):
@@ -199,18 +206,41 @@ def load_generator_unet(generator: Optional[str], subfolder: Optional[str], file
         if not path.is_file():
             raise SDLoadError(f"{field}={generator!r}: no such file (expected a UNet state dict "
                               f"{'/'.join(STATE_DICT_SUFFIXES)}, a diffusers UNet folder or a hub id)")
-        sd = _read_state_dict(path, field)
-        check_same_architecture(sd, reference_unet, field, str(path))
-        unet = UNet2DConditionModel.from_config(reference_unet.config)
-        unet.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-        return unet.float()
+        return "file", path
     if _is_local(generator) and not path.is_dir():
         raise SDLoadError(f"{field}={generator!r}: no such file or directory (expected a UNet state dict "
                           f"{'/'.join(STATE_DICT_SUFFIXES)}, a diffusers UNet folder or a hub id)")
+    return "folder", path
+
+
+def load_generator_unet(generator: Optional[str], subfolder: Optional[str], file: Optional[str],
+                        reference_unet: nn.Module, variant: Optional[str] = None) -> nn.Module:
+    """The generator's UNet in float32, with the reference UNet's architecture.
+
+    generator None: a copy of the reference UNet. A .bin/.pt/.safetensors file: a bare UNet state dict
+    (DMD2's `dmd2_sdxl_1step_unet_fp16.bin`). A directory or hub id: a diffusers UNet folder (in
+    `subfolder` if given), or, with `file`, a state-dict file inside that hub repo / directory.
+    """
+    from diffusers import UNet2DConditionModel
+
+    field = "model.generator"
+    kind, path = resolve_generator(generator, subfolder, file)
+    if kind == "copy":
+        return copy.deepcopy(reference_unet).float()
+    if kind == "file":
+        sd = _read_state_dict(path, field)
+        check_same_architecture(sd, reference_unet, field, str(path))
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced
+            unet = UNet2DConditionModel.from_config(reference_unet.config)
+        unet.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+        return unet.float()
     unet = _load(UNet2DConditionModel, generator, subfolder, field, "generator UNet", torch_dtype=torch.float32,
                  variant=variant)
     check_same_architecture(unet.state_dict(), reference_unet, field, generator)
     return unet.float()
+
+
+LORA_INIT = "gaussian"  # peft's init_lora_weights: A ~ N(0, 1/r), B = 0
 
 
 def add_lora(unet: nn.Module, rank: int) -> nn.Module:
@@ -218,7 +248,7 @@ def add_lora(unet: nn.Module, rank: int) -> nn.Module:
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=LORA_INIT,
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     for name, p in unet.named_parameters():
         if "lora_" in name:
