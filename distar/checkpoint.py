@@ -328,12 +328,17 @@ def load_sharded(state: "TrainState", ckpt_dir: Path, collective: bool) -> dict 
     try:
         sharded_state.load(state, ckpt_dir / SHARDS_DIR, collective)
     except (Exception, sharded_state.CheckpointException) as err:  # DCP raises a BaseException subclass
-        causes = [f[0] for f in getattr(err, "failures", {}).values()] or [err]  # DCP: {rank: (exception, trace)}
-        reason = "; ".join(dict.fromkeys((str(e).strip() or type(e).__name__).splitlines()[0][:300] for e in causes))
         raise CheckpointError(f"{ckpt_dir / SHARDS_DIR}: not loadable sharded training state "
-                              f"({type(err).__name__}: {reason})") from None
+                              f"({_dcp_reason(err)})") from None
     state.ema.decay = float(saved["ema_decay"])
     return restore_progress(state, saved)
+
+
+def _dcp_reason(err: BaseException) -> str:
+    """`Type: first line` of a DCP failure, with each rank's distinct cause (DCP: {rank: (exception, trace)})."""
+    causes = [f[0] for f in getattr(err, "failures", {}).values()] or [err]
+    reason = "; ".join(dict.fromkeys((str(e).strip() or type(e).__name__).splitlines()[0][:300] for e in causes))
+    return f"{type(err).__name__}: {reason}"
 
 
 def adapters_of(state: "TrainState", shadow: dict) -> tuple[dict, dict] | None:
@@ -381,9 +386,19 @@ def ema_generator_state(state: "TrainState") -> dict[str, torch.Tensor]:
 
 
 def init_from_checkpoint(state: "TrainState", src: Path, ema_decay: float, state_io: StateIO | None = None) -> None:
-    """Start from a finished run: its (EMA) generator, and its fake score when the directory has one."""
+    """Start from a finished run: its (EMA) generator, and its fake score when the directory has one (a model
+    directory, a train_state.pt step checkpoint, or a sharded one written by any number of ranks)."""
     io = state_io or StateIO()
     gen = unwrap(state.generator)
+    if is_sharded(src):
+        try:
+            sharded_state.load_weights(state, src / SHARDS_DIR, collective=io.collective)
+        except (Exception, sharded_state.CheckpointException) as err:  # DCP raises a BaseException subclass
+            raise CheckpointError(f"train.init_from={str(src)!r}: its sharded state does not load into this run's "
+                                  f"model ({_dcp_reason(err)})") from None
+        state.ema = EMA(gen, ema_decay)
+        state.fake_warmup_done = True
+        return
     io.load_weights(gen, load_generator_state(src))
     state.ema = EMA(gen, ema_decay)
     if (src / STATE_FILE).is_file():

@@ -239,8 +239,9 @@ class TrainConfig(_Frozen):
         None, ge=1, description="torch intra-op threads per process (None = torch's default); 1 is fastest for "
                                 "small CPU models on shared cores (jobs/bench_digits_step.py)")
     init_from: Optional[str] = Field(
-        None, description="checkpoint dir (generator.safetensors [+ train_state.pt]) to start the generator "
-                          "(and fake score, if saved) from; ignored when resuming")
+        None, description="checkpoint dir to start the generator (its EMA weights) and the fake score, if saved, "
+                          "from: a model dir (generator.safetensors [+ train_state.pt]) or a step checkpoint, "
+                          "sharded ones included (any world size wrote it); ignored when resuming")
     mixed_precision: Literal["no", "bf16"] = Field(
         "no", description="bf16 autocast around the step (trained weights stay float32 masters)")
     monitor: Optional[HackingMonitorConfig] = Field(

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 from .bundle import unwrap
 
-__all__ = ["CheckpointException", "UnsafeCheckpoint", "load", "save", "state_dict"]
+__all__ = ["CheckpointException", "UnsafeCheckpoint", "load", "load_weights", "save", "state_dict"]
 
 if TYPE_CHECKING:
     from .train_step import TrainState
@@ -105,3 +106,18 @@ def load(state: "TrainState", path: Path, collective: bool) -> None:
         for k, v in target["ema"].items():
             if state.ema.shadow[k] is not v:
                 state.ema.shadow[k].copy_(v)
+
+
+def load_weights(state: "TrainState", path: Path, collective: bool) -> None:
+    """`train.init_from` a sharded checkpoint: its EMA generator into `state.generator` and its fake score into
+    `state.fake_score` (this run's sharding, any world size wrote it); optimizers, step and RNG start fresh.
+    The caller rebuilds the EMA from the loaded generator."""
+    gen, fake = unwrap(state.generator), unwrap(state.fake_score)
+    target = {"ema": {k: v.detach().clone() for k, v in state.ema.shadow.items()},
+              "fake_score": get_model_state_dict(fake, options=_OPTIONS)}
+    dcp.load(target, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(), no_dist=not collective)
+    set_model_state_dict(fake, target["fake_score"], options=_OPTIONS)
+    params = dict(gen.named_parameters())
+    with torch.no_grad():
+        for k, v in target["ema"].items():  # float32 shadow -> the parameter's dtype (same sharding: built from it)
+            params[k].copy_(v.to(params[k].dtype))

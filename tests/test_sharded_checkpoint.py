@@ -1,7 +1,8 @@
 """Sharded checkpoints (torch.distributed.checkpoint): two gloo processes train the 2-D world and a tiny SDXL
 with FSDP2 and write a step checkpoint in which each rank wrote its own shards; three processes, one process
 (FSDP over one rank) and a plain single-process run each resume it with every trained tensor, optimizer
-moment and EMA weight equal to the saved ones, bit for bit. The DCP metadata is unpickled safely."""
+moment and EMA weight equal to the saved ones, bit for bit; `train.init_from` it starts a new run at its EMA
+generator and fake score. The DCP metadata is unpickled safely."""
 from __future__ import annotations
 
 import pickle
@@ -100,6 +101,27 @@ def _load_worker(rank: int, mesh, world: int, tmp: str, reference: str) -> None:
         got = _full(state, io)
         if rank == 0:
             _check_equal(got, torch.load(Path(tmp) / f"{name}_want.pt", weights_only=True), before, name)
+    _, fresh = _fsdp_parts(rank, world, mesh, Path(reference), seed=9)
+    for name, state in fresh.items():
+        _check_init_from(state, io, Path(tmp), name, rank)
+
+
+def _check_init_from(state, io, tmp: Path, name: str, rank: int) -> None:
+    """train.init_from the sharded checkpoint: the generator starts at its EMA weights, the fake score at its
+    fake score; the optimizers and the step start fresh."""
+    ckpt.init_from_checkpoint(state, ckpt.latest_checkpoint(tmp / name), 0.9, io)
+    assert state.step == 0 and state.fake_warmup_done
+    got = _full(state, io)
+    if rank == 0:
+        want = torch.load(tmp / f"{name}_want.pt", weights_only=True)
+        for k, v in want.items():
+            part, key = k.split("/", 1)
+            if part == "ema":     # the generator and its fresh EMA both hold the saved EMA weights
+                assert torch.equal(got[f"generator/{key}"].float(), v) and torch.equal(got[k], v), (name, k)
+            elif part == "fake_score":
+                assert torch.equal(got[k], v), (name, k)
+        assert any(not torch.equal(got[f"generator/{k.split('/', 1)[1]}"].float(), want[f"generator/{k.split('/', 1)[1]}"])
+                   for k in want if k.startswith("ema/")), name   # the EMA, not the raw generator
 
 
 def _check_equal(got: dict, want: dict, before: dict, what: str) -> None:
@@ -123,6 +145,8 @@ def test_sharded_checkpoint_from_two_ranks_resumes_on_three_one_and_no_process_g
         assert state.step == (2 if name == "g2d" else 1)
         _check_equal(_full(state, ckpt.StateIO()), torch.load(tmp_path / f"{name}_want.pt", weights_only=True),
                      before, name)
+        _check_init_from(_g2d_state(LoopHooks(), seed=9) if name == "g2d" else _sdxl_state(reference, None, seed=9),
+                         ckpt.StateIO(), tmp_path, name, rank=0)
     _check_metadata_is_unpickled_safely(tmp_path / "g2d", states["g2d"])
 
 
