@@ -49,10 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from .logs import setup_logging
+    from .stopping import ExitAtOnce
 
     parser, modules = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbosity)
+    with ExitAtOnce(f"distar {args.command}: interrupted"):
+        import torch  # noqa: F401  (and numpy: a KeyboardInterrupt inside these imports breaks them for good)
     try:
         return int(modules[args.command].run(args) or 0)
     except (UserError, ValidationError) as err:
