@@ -16,6 +16,14 @@ WORLDS: dict[str, str] = {
     "sdxl": "distar.worlds.sd.bundle:build_bundle",
 }
 
+# world name -> builder(model_cfg, device, shard) -> ModelBundle whose big networks are built already sharded by
+# `shard(module)` (FSDP, distar.fsdp.fsdp_hooks), so no rank holds them whole. Other worlds build with WORLDS and
+# are sharded afterwards.
+SHARDED_WORLDS: dict[str, str] = {
+    "sd15": "distar.worlds.sd.sharded_build:build_sharded_bundle",
+    "sdxl": "distar.worlds.sd.sharded_build:build_sharded_bundle",
+}
+
 # world name -> plan_models(run_cfg) -> distar.memory_plan.PlanModels: the networks `distar plan` counts (SD: built
 # on the meta device from the architecture configs; small worlds: their bundle, built on the CPU)
 PLAN_MODELS: dict[str, str] = {
