@@ -120,9 +120,12 @@ def mixed_precision_policy(mixed_precision: str):
 
 def shard_module(module: nn.Module, mesh, max_params: int = DEFAULT_UNIT_PARAMS, mp_policy=None) -> nn.Module:
     """Shard `module` in place: each of `shard_units`, then the root. Returns `module` (now an FSDPModule).
-    mp_policy: a `MixedPrecisionPolicy` (`mixed_precision_policy`), None = none."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    mp_policy: a `MixedPrecisionPolicy` (`mixed_precision_policy`), None = none. A module that is already an
+    FSDPModule (built sharded: `distar.worlds.build_sharded_bundle`) is returned as it is."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
+    if isinstance(module, FSDPModule):
+        return module
     kw = {} if mp_policy is None else {"mp_policy": mp_policy}
     for unit in shard_units(module, max_params):
         fully_shard(unit, mesh=mesh, reshard_after_forward=True, **kw)
@@ -313,9 +316,15 @@ class FSDPStateIO(StateIO):
 
 def fsdp_hooks(mesh, rank: int, max_params: int = DEFAULT_UNIT_PARAMS,
                frozen_min_params: int = FROZEN_MIN_PARAMS, mixed_precision: str = "no") -> dict:
-    """The `LoopHooks` fields for FSDP2 on `mesh`: wrap, prepare_bundle, state_io.
+    """The `LoopHooks` fields for FSDP2 on `mesh`: shard, wrap, prepare_bundle, state_io.
+    With `shard` the loop builds the SD worlds' UNets already sharded (`distar.worlds.build_sharded_bundle`); wrap
+    and prepare_bundle then shard what is not yet (other worlds' modules, big frozen text encoders).
     mixed_precision: train.mixed_precision, applied to every sharded module (`mixed_precision_policy`)."""
     policy = mixed_precision_policy(mixed_precision)
-    return dict(wrap=lambda net: shard_module(net, mesh, max_params, policy),
+
+    def shard(net: nn.Module) -> nn.Module:
+        return shard_module(net, mesh, max_params, policy)
+
+    return dict(shard=shard, wrap=shard,
                 prepare_bundle=lambda bundle: shard_frozen(bundle, mesh, frozen_min_params, max_params, policy),
                 state_io=FSDPStateIO(rank))

@@ -32,7 +32,7 @@ from .hacking_monitor import HackingMonitor
 from .reward_weight import build_alpha_controller
 from .stopping import TrainingStopped
 from .train_step import TrainState, build_optimizer, fake_update, finalize_interval_metrics, train_step
-from .worlds import build_bundle
+from .worlds import build_bundle, build_sharded_bundle
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ def _identity(x):
 class LoopHooks:
     rank: int = 0
     world_size: int = 1
+    shard: Callable[[nn.Module], nn.Module] | None = None  # FSDP: shards a module in place; the bundle is then
+    # built with its big networks already sharded where the world can (distar.worlds.build_sharded_bundle)
     wrap: Callable[[nn.Module], nn.Module] = _identity                     # e.g. DDP, or FSDP2 sharding
     prepare_bundle: Callable[[ModelBundle], None] = lambda bundle: None    # before wrap, e.g. shard the reference
     state_io: StateIO = field(default_factory=StateIO)
@@ -76,7 +78,10 @@ def _seeded(seed: int, rank: int, step: int) -> torch.Generator:
 
 
 def build_state(cfg: RunConfig, device: torch.device, hooks: LoopHooks) -> TrainState:
-    bundle = build_bundle(cfg.model, device)
+    if hooks.shard is None:
+        bundle = build_bundle(cfg.model, device)
+    else:
+        bundle = build_sharded_bundle(cfg.model, device, hooks.shard)
     hooks.prepare_bundle(bundle)
     g, f = cfg.train.generator_optim, cfg.train.fake_optim
     return TrainState(
