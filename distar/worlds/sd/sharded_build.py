@@ -23,6 +23,7 @@ The small frozen parts (VAE, text encoders, tokenizers, scheduler) load whole, a
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -51,23 +52,21 @@ def _shapes(unet: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in unet.state_dict().items()}
 
 
-def _generator_source(m, ref_config: dict, ref_weights: UNetWeights, dtype: torch.dtype, want: dict):
-    """(config, weights, dtype its values pass through) of the generator; its keys and shapes checked."""
+def _generator_source(m, ref_config: dict, ref_files: list[Path], dtype: torch.dtype, want: dict):
+    """(config, weights files, dtype its values pass through) of the generator; its keys and shapes checked."""
     kind, path = resolve_generator(m.generator, m.generator_subfolder, m.generator_file)
     if kind == "copy":
-        return ref_config, ref_weights, dtype
+        return ref_config, ref_files, dtype
     if kind == "file":
-        weights = UNetWeights([path], "model.generator")
-        check_same_shapes(weights.shapes, want, "model.generator", str(path))
-        return ref_config, weights, torch.float32
+        check_same_shapes(UNetWeights([path], "model.generator").shapes, want, "model.generator", str(path))
+        return ref_config, [path], torch.float32
     from diffusers import UNet2DConditionModel
 
     config = dict(_load_config(UNet2DConditionModel, m.generator, m.generator_subfolder, "model.generator",
                                "generator UNet config"))
-    weights = UNetWeights(unet_weight_files(m.generator, m.generator_subfolder, m.variant, "model.generator",
-                                            "generator UNet"), "model.generator")
-    check_same_shapes(weights.shapes, want, "model.generator", m.generator)
-    return config, weights, torch.float32
+    files = unet_weight_files(m.generator, m.generator_subfolder, m.variant, "model.generator", "generator UNet")
+    check_same_shapes(UNetWeights(files, "model.generator").shapes, want, "model.generator", m.generator)
+    return config, files, torch.float32
 
 
 def _init_adapters(unet: nn.Module) -> dict[str, torch.Tensor]:
@@ -130,15 +129,15 @@ def build_sharded_bundle(model_cfg, device: torch.device | str,
     parts = load_reference(m.world, m.reference, dtype, m.variant, with_unet=False)
     ref_config = dict(_load_config(UNet2DConditionModel, m.reference, "unet", "model.reference",
                                    "reference UNet config"))
-    ref_weights = UNetWeights(unet_weight_files(m.reference, "unet", m.variant, "model.reference",
-                                                "reference UNet"), "model.reference")
+    ref_files = unet_weight_files(m.reference, "unet", m.variant, "model.reference", "reference UNet")
     reference = _meta_unet(ref_config, dtype)
     want = _shapes(reference)
-    check_same_shapes(ref_weights.shapes, want, "model.reference", ref_weights.source)
-    gen_config, gen_weights, gen_via = _generator_source(m, ref_config, ref_weights, dtype, want)
+    check_same_shapes(UNetWeights(ref_files, "model.reference").shapes, want, "model.reference", str(ref_files[0]))
+    gen_config, gen_files, gen_via = _generator_source(m, ref_config, ref_files, dtype, want)
 
     generator = _meta_unet(gen_config, dtype if m.lora_rank > 0 else torch.float32)
-    check_same_shapes(gen_weights.shapes, _shapes(generator), "model.generator", gen_weights.source)
+    if gen_config is not ref_config:
+        check_same_shapes(want, _shapes(generator), "model.generator", f"{m.generator} (its config.json)")
     fake = _meta_unet(ref_config, dtype)
     if dtype == torch.bfloat16:  # as build_bundle: the reference's norms in float32, and the fake copies it
         norms_in_float32(reference), norms_in_float32(fake)
@@ -148,11 +147,12 @@ def build_sharded_bundle(model_cfg, device: torch.device | str,
     if m.gradient_checkpointing:
         for net in (generator, fake, reference, parts.vae):
             net.enable_gradient_checkpointing()
-    for net, weights, via in ((reference, ref_weights, dtype), (generator, gen_weights, gen_via),
-                              (fake, ref_weights, dtype)):
+    for net, files, via in ((reference, ref_files, dtype), (generator, gen_files, gen_via), (fake, ref_files, dtype)):
         shard(net)
         net.to_empty(device=device)
-        _fill(net, weights, via, adapters.get(net, {}))
+        # files opened per module: the pages of them this rank read are unmapped before the next module's
+        _fill(net, UNetWeights(files, "model.reference" if files is ref_files else "model.generator"), via,
+              adapters.get(net, {}))
     for part in (parts.vae, parts.text_encoder, parts.text_encoder_2):
         if part is not None:
             part.requires_grad_(False).eval().to(device)
