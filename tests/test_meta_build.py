@@ -163,3 +163,16 @@ def test_sharded_build_keeps_the_loading_errors(sources, tmp_path):
     with pytest.raises(SDLoadError, match=r"model\.reference=.*missing component 'unet'"):
         shutil.rmtree(broken / "unet")
         build_sharded_bundle(tiny_sd.sd_config("sd15", broken), CPU, _no_shard)
+
+
+def test_generator_from_a_unet_folder_in_one_process(sources, tmp_path):
+    """A diffusers UNet folder as the generator (no process group: `shard` may be any in-place function)."""
+    torch.manual_seed(13)
+    tiny_sd.tiny_unet(True).save_pretrained(tmp_path / "gen" / "unet")
+    kw = dict(generator=str(tmp_path / "gen"), generator_subfolder="unet", dtype="bfloat16")
+    old = tiny_sd.build("sdxl", sources["sdxl"], **kw)
+    new = build_sharded_bundle(tiny_sd.sd_config("sdxl", sources["sdxl"], **kw), CPU, _no_shard)
+    for part in PARTS:
+        a, b = getattr(old, part).state_dict(), getattr(new, part).state_dict()
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), part
+    assert not torch.equal(new.generator.conv_in.weight, new.reference.conv_in.weight.float())
