@@ -12,6 +12,12 @@ What is sharded
                          CLIP-L). Their forward all-gathers like any FSDP module. With no parameter requiring
                          grad, backward through them all-gathers again to give the input gradient DI* needs
                          (d eps_ref / d x_t) and reduce-scatters nothing; no-grad calls just all-gather.
+  built sharded          with `LoopHooks.shard` (which `fsdp_hooks` sets) the SD worlds make the reference,
+                         generator and fake score on the meta device, shard them with `shard_module` (the units
+                         and policy above) and fill each rank's shards from the weights files
+                         (`distar.worlds.sd.sharded_build`): no rank ever holds a whole UNet, and `shard_module`
+                         leaves them as they are when `wrap` / `prepare_bundle` come to them. Other worlds build
+                         whole, then `wrap` and `prepare_bundle` shard them.
   Every unit, roots included, reshards after forward: a no-grad pass (the fake-score update's generator
   samples, evaluation) then never leaves stale unsharded weights behind for the next pass.
   Mixed precision (train.mixed_precision=bf16, `mixed_precision_policy`): every sharded module all-gathers its
@@ -45,6 +51,12 @@ Memory, SDXL full fine-tuning (2.6B parameters per UNet = 10.3 GB in float32, Ad
             most `DEFAULT_UNIT_PARAMS` = 50M parameters, 0.2 GB in float32, half under the bf16 policy) and
             activations. DDP needs all ~98 GB on
             every GPU, which no 80 GB card holds. Gathering for a checkpoint adds one full tensor at a time.
+  host at startup: built whole, every rank held the three UNets before sharding (bf16 reference 5.1 GB, float32
+            generator and fake score 2 x 10.3 GB: ~26 GB, plus the copies made on the way). Built sharded, a rank
+            allocates only its shards, on its device (the GPU under CUDA), and the host holds one tensor's slice in
+            flight and the file pages read for one module; the small frozen parts still load whole (SDXL's text
+            encoders 1.6 GB in bf16 until `prepare_bundle` shards the second; the VAE). Measured on a tiny SDXL:
+            docs/checkpoints.md.
   host at a checkpoint: each rank stages its own shards (~72 GB / N); gathering the full resume state on
             rank 0 (`gather`, the old format) would take ~72 GB there. final/ gathers the EMA generator alone.
 """

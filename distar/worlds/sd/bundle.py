@@ -16,6 +16,11 @@ reference differs from it by bf16 rounding alone: over a 4x128x128 latent a gap 
 reference's normalization layers are kept in float32 like the fake's (with bf16 norm weights in one and float32
 in the other, the forward agrees but the backward to x_t does not). tests/test_precision.py holds both.
 The generator follows train.mixed_precision.
+
+Building: `build_bundle` loads every network whole on the CPU and moves it to `device` (one process, DDP). Under
+`ray.strategy=fsdp` the loop builds through `distar.worlds.sd.sharded_build` instead: the same modules, dtypes and
+values, but the three UNets are made on the meta device, sharded, and each rank reads only its slices of the weights
+files (no rank holds a whole UNet). Both end in `assemble_bundle`.
 """
 from __future__ import annotations
 
