@@ -82,13 +82,14 @@ def _init_adapters(unet: nn.Module) -> dict[str, torch.Tensor]:
         base_dtype = layer.get_base_layer().weight.dtype
         for adapter in list(layer.lora_A.keys()):
             a, b = layer.lora_A[adapter], layer.lora_B[adapter]
-            a.to_empty(device="cpu"), b.to_empty(device="cpu")
-            a.reset_parameters(), b.reset_parameters()
+            for lin in (a, b):
+                lin.to_empty(device="cpu")
+                lin.reset_parameters()  # nn.Linear's own init, as at peft's construction
             layer.reset_lora_parameters(adapter, LORA_INIT)
             for part, lin in (("lora_A", a), ("lora_B", b)):
                 for pname, p in lin.named_parameters():
                     values[f"{name}.{part}.{adapter}.{pname}"] = p.detach().to(base_dtype).float()
-            a.to("meta"), b.to("meta")
+                lin.to("meta")
     return values
 
 
@@ -140,7 +141,8 @@ def build_sharded_bundle(model_cfg, device: torch.device | str,
         check_same_shapes(want, _shapes(generator), "model.generator", f"{m.generator} (its config.json)")
     fake = _meta_unet(ref_config, dtype)
     if dtype == torch.bfloat16:  # as build_bundle: the reference's norms in float32, and the fake copies it
-        norms_in_float32(reference), norms_in_float32(fake)
+        for net in (reference, fake):
+            norms_in_float32(net)
     generator, fake = _as_trained(generator, m.lora_rank), _as_trained(fake, m.lora_rank)
     adapters = {net: _init_adapters(net) if m.lora_rank > 0 else {} for net in (generator, fake)}
     reference.requires_grad_(False).eval()
