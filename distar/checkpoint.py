@@ -36,7 +36,7 @@ from torch import nn
 from . import lora_files, sharded_state
 from .bundle import unwrap
 from .ema import EMA
-from .errors import UserError
+from .errors import CheckpointError, UserError  # noqa: F401  (CheckpointError: also imported from here)
 
 if TYPE_CHECKING:
     from .train_step import TrainState
@@ -48,10 +48,6 @@ META_FILE = "meta.json"
 SHARDS_DIR = "shards"
 PROGRESS_FILE = "progress.pt"
 ADAPTER_FILE = lora_files.ADAPTER_FILE
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read (truncated, corrupted, not distar's) or written (disk full)."""
 
 
 def _contiguous_cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -325,20 +321,9 @@ def progress_dict(state: "TrainState", rng: dict) -> dict:
 def load_sharded(state: "TrainState", ckpt_dir: Path, collective: bool) -> dict | None:
     """Resume from a sharded checkpoint (any world size wrote it); returns the saved loop RNG."""
     saved = load_train_state(ckpt_dir, name=PROGRESS_FILE)
-    try:
-        sharded_state.load(state, ckpt_dir / SHARDS_DIR, collective)
-    except (Exception, sharded_state.CheckpointException) as err:  # DCP raises a BaseException subclass
-        raise CheckpointError(f"{ckpt_dir / SHARDS_DIR}: not loadable sharded training state "
-                              f"({_dcp_reason(err)})") from None
+    sharded_state.load(state, ckpt_dir / SHARDS_DIR, collective)
     state.ema.decay = float(saved["ema_decay"])
     return restore_progress(state, saved)
-
-
-def _dcp_reason(err: BaseException) -> str:
-    """`Type: first line` of a DCP failure, with each rank's distinct cause (DCP: {rank: (exception, trace)})."""
-    causes = [f[0] for f in getattr(err, "failures", {}).values()] or [err]
-    reason = "; ".join(dict.fromkeys((str(e).strip() or type(e).__name__).splitlines()[0][:300] for e in causes))
-    return f"{type(err).__name__}: {reason}"
 
 
 def adapters_of(state: "TrainState", shadow: dict) -> tuple[dict, dict] | None:
@@ -391,11 +376,7 @@ def init_from_checkpoint(state: "TrainState", src: Path, ema_decay: float, state
     io = state_io or StateIO()
     gen = unwrap(state.generator)
     if is_sharded(src):
-        try:
-            sharded_state.load_weights(state, src / SHARDS_DIR, collective=io.collective)
-        except (Exception, sharded_state.CheckpointException) as err:  # DCP raises a BaseException subclass
-            raise CheckpointError(f"train.init_from={str(src)!r}: its sharded state does not load into this run's "
-                                  f"model ({_dcp_reason(err)})") from None
+        sharded_state.load_weights(state, src / SHARDS_DIR, collective=io.collective)
         state.ema = EMA(gen, ema_decay)
         state.fake_warmup_done = True
         return

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from .bundle import unwrap
+from .errors import CheckpointError
 
 __all__ = ["CheckpointException", "UnsafeCheckpoint", "load", "load_weights", "save", "state_dict"]
 
@@ -97,7 +98,7 @@ def save(state: "TrainState", path: Path, collective: bool) -> None:
 def load(state: "TrainState", path: Path, collective: bool) -> None:
     """Read a `save`d directory into `state`, whatever world size wrote it; the step and RNG are not here."""
     target = state_dict(state)  # fresh optimizers get their state tensors here (a zero step at lr 0)
-    dcp.load(target, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(), no_dist=not collective)
+    _read(target, path, collective, "not loadable sharded training state")
     for key, net, opt in (("generator", state.generator, state.generator_opt),
                           ("fake_score", state.fake_score, state.fake_opt)):
         set_state_dict(unwrap(net), opt, model_state_dict=target[key], optim_state_dict=target[f"{key}_opt"],
@@ -115,9 +116,20 @@ def load_weights(state: "TrainState", path: Path, collective: bool) -> None:
     gen, fake = unwrap(state.generator), unwrap(state.fake_score)
     target = {"ema": {k: v.detach().clone() for k, v in state.ema.shadow.items()},
               "fake_score": get_model_state_dict(fake, options=_OPTIONS)}
-    dcp.load(target, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(), no_dist=not collective)
+    _read(target, path, collective, "train.init_from: its sharded state does not load into this run's model")
     set_model_state_dict(fake, target["fake_score"], options=_OPTIONS)
     params = dict(gen.named_parameters())
     with torch.no_grad():
         for k, v in target["ema"].items():  # float32 shadow -> the parameter's dtype (same sharding: built from it)
             params[k].copy_(v.to(params[k].dtype))
+
+
+def _read(target: dict[str, Any], path: Path, collective: bool, what: str) -> None:
+    """DCP-load `path` into `target` in place; any failure is a CheckpointError naming `path` and each rank's
+    distinct cause (DCP raises a BaseException subclass, with {rank: (exception, trace)})."""
+    try:
+        dcp.load(target, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(), no_dist=not collective)
+    except (Exception, CheckpointException) as err:
+        causes = [f[0] for f in getattr(err, "failures", {}).values()] or [err]
+        reason = "; ".join(dict.fromkeys((str(e).strip() or type(e).__name__).splitlines()[0][:300] for e in causes))
+        raise CheckpointError(f"{path}: {what} ({type(err).__name__}: {reason})") from None
