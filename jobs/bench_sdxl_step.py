@@ -18,7 +18,8 @@ GPU (later session; its image has torch, peft, transformers, pyyaml, not diffuse
   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.39.0 pydantic==2.14.4 \
     pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
-then the device tool's `run` with carry=[".whl"], timeout_s=480 and this command (one line, ~1-2 min per bench):
+then the device tool's `run` with carry=[".whl"], timeout_s=480 and this command (one line, ~1-2 min per bench;
+add `python3 -m jobs.bench_sdxl_step --fsdp ...` for the FSDP2 path on one rank):
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl || exit; export PYTHONUNBUFFERED=1; nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv; python3 -m jobs.bench_sdxl_step --json $OUT/ckpt.json 2>&1 | tee $OUT/ckpt.log; python3 -m jobs.bench_sdxl_step --no-grad-ckpt --batch 1 --json $OUT/nockpt.json 2>&1 | tee $OUT/nockpt.log
 """
 from __future__ import annotations
@@ -106,6 +107,10 @@ def parse_args(argv):
     p.add_argument("--lora-rank", type=int, default=None, help="0 = full fine-tuning (fp32 masters); default: auto")
     p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--no-reward", action="store_true", help="alpha_rew=0: skip VAE decode and reward")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard reference, generator and fake score with FSDP2 on a one-rank process group (the "
+                        "ray.strategy=fsdp path, distar.fsdp.shard_module; bf16 policy with float32 reduction "
+                        "under --precision bf16)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM datasheet)")
@@ -224,8 +229,34 @@ def _time_halving_on_oom(step, args, device, opts) -> list[float] | None:
         args.batch //= 2
 
 
+def _one_rank_mesh(device: torch.device):
+    """A one-rank process group (nccl on CUDA, gloo on CPU) and its 1-D mesh, for --fsdp."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        store = tempfile.mktemp(prefix="distar-bench-pg-")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}", rank=0,
+                                world_size=1)
+    return init_device_mesh(device.type, (1,))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    try:
+        return _bench(args)
+    finally:
+        import torch.distributed as dist
+
+        if args.fsdp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _bench(args) -> dict:
     device = torch.device(args.device)
     unet_cfg, vae_cfg, res, text, n_expected, batch, k_fake, ckpt = SIZES[args.size]
     args.resolution, args.batch, args.fake_steps = args.resolution or res, args.batch or batch, args.fake_steps or k_fake
@@ -248,6 +279,12 @@ def main(argv=None) -> dict:
     bf16, t0 = args.precision == "bf16", time.perf_counter()
     bundle = build(args, unet_cfg, vae_cfg, text, device, torch.bfloat16 if bf16 else torch.float32)
     gen, fake = bundle.generator, bundle.fake_score
+    if args.fsdp:  # before the optimizers and the EMA, which then hold the shards (as in distar.train_loop)
+        from distar.fsdp import mixed_precision_policy, shard_module
+
+        mesh, policy = _one_rank_mesh(device), mixed_precision_policy("bf16" if bf16 else "no")
+        for net in (bundle.reference, gen, fake):
+            shard_module(net, mesh, mp_policy=policy)
     opt_g, opt_f = (build_optimizer(m, 5e-7, (0.9, 0.999), 0.01) for m in (gen, fake))
     state = TrainState(bundle, gen, fake, opt_g, opt_f, ema=EMA(gen, 0.999))
     loss_cfg = LossConfig(alpha_rew=0.0 if args.no_reward else 100.0)
@@ -281,7 +318,8 @@ def main(argv=None) -> dict:
              raw_fwd_tflops=F_ * b / raw["fwd"] / 1e12, raw_fwd_bwd_tflops=raw_tflops,
              step_vs_raw_fwd_bwd=tflops / raw_tflops, metrics=values)
     print(f"\n=== DI* step: {args.size} {args.resolution}px batch {b} K_fake {k} lora_rank {args.lora_rank} grad_ckpt "
-          f"{args.grad_ckpt} {args.precision} reward {'off' if args.no_reward else 'conv stand-in'} on {name} ===")
+          f"{args.grad_ckpt} {args.precision} {'FSDP2 (1 rank)' if args.fsdp else 'unsharded'} reward "
+          f"{'off' if args.no_reward else 'conv stand-in'} on {name} ===")
     print(f"step     : {t_step:.4f} s/step (median of {len(step_s)}, min {min(step_s):.4f}) = {b / t_step:.3f} images/s; "
           f"peak memory {peak:.1f} GiB of {gpu_gib:.0f}")
     print(f"FLOP     : (9+3K)F = {model / 1e12:.4g} TFLOP/image, F = {F_ / 1e12:.4g} (docs/algorithm.md 6.76 at 1024)"

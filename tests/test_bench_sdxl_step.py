@@ -45,3 +45,20 @@ def test_sdxl_configs_match_the_published_model():
     assert fl["vae_params"] == 83_653_863
     assert fl["F"] / 1e12 == pytest.approx(6.76, abs=0.01)
     assert fl["unet_fwd_bwd"] / fl["F"] == pytest.approx(3.0, abs=0.02)
+
+
+def test_tiny_fsdp_one_rank_lora_bf16(one_thread, monkeypatch):
+    """--fsdp: reference, generator and fake score sharded with FSDP2 (bf16 policy) on a one-rank gloo group; the
+    step runs, the nets really are FSDP modules, and the process group is gone afterwards."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    import jobs.bench_sdxl_step as bench
+
+    built, build = {}, bench.build
+    monkeypatch.setattr(bench, "build", lambda *a, **kw: built.setdefault("bundle", build(*a, **kw)))
+    r = main(["--size", "tiny", "--steps", "1", "--warmup", "0", "--lora-rank", "4", "--precision", "bf16", "--fsdp"])
+    _check(r, batch=2)
+    b = built["bundle"]
+    assert r["fsdp"] and all(isinstance(m, FSDPModule) for m in (b.reference, b.generator, b.fake_score))
+    assert not dist.is_initialized()
