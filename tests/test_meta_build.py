@@ -59,8 +59,9 @@ def _config(sources: dict[str, str], world: str, ref: str, mixed_precision: str 
 CASES = {  # float32 and bfloat16 model.dtype; generator None (a copy) and a DMD2 file; full fine-tuning and LoRA
     "sdxl_fp32_copy_full": dict(world="sdxl", ref="sdxl"),
     "sdxl_bf16_dmd2_full": dict(world="sdxl", ref="sdxl", dtype="bfloat16", generator="dmd2", mixed_precision="bf16"),
-    "sd15_bf16_copy_lora": dict(world="sd15", ref="sd15", dtype="bfloat16", lora_rank=4),
-    "sdxl_index_fp32_dmd2_lora_ckpt": dict(world="sdxl", ref="sdxl_index", generator="dmd2", lora_rank=4,
+    # LoRA ranks 3 and 1 over 2 ranks: lora_A's rows split unevenly (2 + 1), and rank 1 holds none of a rank-1 A
+    "sd15_bf16_copy_lora": dict(world="sd15", ref="sd15", dtype="bfloat16", lora_rank=3),
+    "sdxl_index_fp32_dmd2_lora_ckpt": dict(world="sdxl", ref="sdxl_index", generator="dmd2", lora_rank=1,
                                            gradient_checkpointing=True),
 }
 GATHERED = "sdxl_bf16_dmd2_full"              # full tensors gathered, as a checkpoint would, in this case
@@ -103,6 +104,8 @@ def _check_same_state(old, new, name: str) -> None:
             _same(_full(a), _full(b), (name, part, "full"))
     lora_b = [p for k, p in _local(new.bundle.generator).items() if "lora_B" in k]
     assert all(torch.count_nonzero(t) == 0 for t in lora_b)                    # LoRA starts at the base
+    lora_a = [p for k, p in _local(new.bundle.generator).items() if "lora_A" in k]
+    assert all(torch.count_nonzero(t) == t.numel() for t in lora_a)            # every slice held was filled
 
 
 def _check_same_step(old, new, cfg, name: str) -> None:
@@ -165,11 +168,13 @@ def test_sharded_build_keeps_the_loading_errors(sources, tmp_path):
         build_sharded_bundle(tiny_sd.sd_config("sd15", broken), CPU, _no_shard)
 
 
-def test_generator_from_a_unet_folder_in_one_process(sources, tmp_path):
-    """A diffusers UNet folder as the generator (no process group: `shard` may be any in-place function)."""
+@pytest.mark.parametrize("subfolder", ["unet", None])
+def test_generator_from_a_unet_folder_in_one_process(sources, tmp_path, subfolder):
+    """A diffusers UNet folder as the generator, in a subfolder or at the top of the given directory (no process
+    group: `shard` may be any in-place function)."""
     torch.manual_seed(13)
-    tiny_sd.tiny_unet(True).save_pretrained(tmp_path / "gen" / "unet")
-    kw = dict(generator=str(tmp_path / "gen"), generator_subfolder="unet", dtype="bfloat16")
+    tiny_sd.tiny_unet(True).save_pretrained(tmp_path / "gen" / (subfolder or ""))
+    kw = dict(generator=str(tmp_path / "gen"), generator_subfolder=subfolder, dtype="bfloat16")
     old = tiny_sd.build("sdxl", sources["sdxl"], **kw)
     new = build_sharded_bundle(tiny_sd.sd_config("sdxl", sources["sdxl"], **kw), CPU, _no_shard)
     for part in PARTS:

@@ -63,8 +63,8 @@ def _load(cls, source: str, subfolder: Optional[str], field: str, what: str, **k
         raise SDLoadError(f"{field}={source!r}: cannot load {what} ({cls.__name__}) from {where!r}: {err}") from err
 
 
-def _load_config(cls, source: str, subfolder: str, field: str, what: str) -> dict:
-    if _is_local(source) and not (Path(os.path.expanduser(source)) / subfolder).is_dir():
+def _load_config(cls, source: str, subfolder: Optional[str], field: str, what: str) -> dict:
+    if _is_local(source) and not (Path(os.path.expanduser(source)) / (subfolder or "")).is_dir():
         raise SDLoadError(f"{field}={source!r}: missing component {subfolder!r} ({what}); expected a "
                           f"subdirectory {subfolder}/ as written by save_pretrained")
     try:
@@ -164,10 +164,12 @@ def check_same_architecture(sd: dict[str, torch.Tensor], like: nn.Module, field:
                       {k: tuple(v.shape) for k, v in like.state_dict().items()}, field, source)
 
 
-def check_same_shapes(got: dict[str, tuple], ref: dict[str, tuple], field: str, source: str) -> None:
-    """Raise SDLoadError unless the key -> shape maps `got` (weights) and `ref` (the reference UNet) are equal."""
+def check_same_shapes(got: dict[str, tuple], ref: dict[str, tuple], field: str, source: str,
+                      allow_unexpected: bool = False) -> None:
+    """Raise SDLoadError unless the key -> shape maps `got` (weights) and `ref` (the reference UNet) are equal
+    (`allow_unexpected`: keys in `got` only are ignored, as diffusers' from_pretrained ignores them)."""
     missing = sorted(set(ref) - set(got))
-    unexpected = sorted(set(got) - set(ref))
+    unexpected = [] if allow_unexpected else sorted(set(got) - set(ref))
     shapes = sorted(k for k in set(ref) & set(got) if ref[k] != got[k])
     if missing or unexpected or shapes:
         parts = []

@@ -52,20 +52,26 @@ def _shapes(unet: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in unet.state_dict().items()}
 
 
+def _file_shapes(files: list[Path], field: str) -> dict[str, tuple[int, ...]]:
+    with UNetWeights(files, field) as weights:
+        return dict(weights.shapes)
+
+
 def _generator_source(m, ref_config: dict, ref_files: list[Path], dtype: torch.dtype, want: dict):
     """(config, weights files, dtype its values pass through) of the generator; its keys and shapes checked."""
     kind, path = resolve_generator(m.generator, m.generator_subfolder, m.generator_file)
     if kind == "copy":
         return ref_config, ref_files, dtype
     if kind == "file":
-        check_same_shapes(UNetWeights([path], "model.generator").shapes, want, "model.generator", str(path))
+        check_same_shapes(_file_shapes([path], "model.generator"), want, "model.generator", str(path))
         return ref_config, [path], torch.float32
     from diffusers import UNet2DConditionModel
 
     config = dict(_load_config(UNet2DConditionModel, m.generator, m.generator_subfolder, "model.generator",
                                "generator UNet config"))
     files = unet_weight_files(m.generator, m.generator_subfolder, m.variant, "model.generator", "generator UNet")
-    check_same_shapes(UNetWeights(files, "model.generator").shapes, want, "model.generator", m.generator)
+    check_same_shapes(_file_shapes(files, "model.generator"), want, "model.generator", m.generator,
+                      allow_unexpected=True)  # as diffusers' from_pretrained, build_bundle's loader
     return config, files, torch.float32
 
 
@@ -133,12 +139,13 @@ def build_sharded_bundle(model_cfg, device: torch.device | str,
     ref_files = unet_weight_files(m.reference, "unet", m.variant, "model.reference", "reference UNet")
     reference = _meta_unet(ref_config, dtype)
     want = _shapes(reference)
-    check_same_shapes(UNetWeights(ref_files, "model.reference").shapes, want, "model.reference", str(ref_files[0]))
+    check_same_shapes(_file_shapes(ref_files, "model.reference"), want, "model.reference",
+                      str(ref_files[0].parent), allow_unexpected=True)  # as from_pretrained in build_bundle
     gen_config, gen_files, gen_via = _generator_source(m, ref_config, ref_files, dtype, want)
 
     generator = _meta_unet(gen_config, dtype if m.lora_rank > 0 else torch.float32)
     if gen_config is not ref_config:
-        check_same_shapes(want, _shapes(generator), "model.generator", f"{m.generator} (its config.json)")
+        check_same_shapes(_shapes(generator), want, "model.generator", f"{m.generator} (its config.json)")
     fake = _meta_unet(ref_config, dtype)
     if dtype == torch.bfloat16:  # as build_bundle: the reference's norms in float32, and the fake copies it
         for net in (reference, fake):
@@ -153,8 +160,8 @@ def build_sharded_bundle(model_cfg, device: torch.device | str,
         shard(net)
         net.to_empty(device=device)
         # files opened per module: the pages of them this rank read are unmapped before the next module's
-        _fill(net, UNetWeights(files, "model.reference" if files is ref_files else "model.generator"), via,
-              adapters.get(net, {}))
+        with UNetWeights(files, "model.reference" if files is ref_files else "model.generator") as weights:
+            _fill(net, weights, via, adapters.get(net, {}))
     for part in (parts.vae, parts.text_encoder, parts.text_encoder_2):
         if part is not None:
             part.requires_grad_(False).eval().to(device)

@@ -6,7 +6,7 @@
     weights.read(key, (slice(0, 640),)) # rows 0..639 of one tensor, and nothing else
 
 Files are found as diffusers finds them (`diffusion_pytorch_model[.variant].safetensors`, its sharded
-`.safetensors.index[.variant].json` form, or the older `.bin`), in a local folder or, for a hub id, through
+`.safetensors.index[.variant].json` form, or the older `.bin` and its `.bin.index.json`), in a local folder or, for a hub id, through
 huggingface_hub (the local cache when HF_HUB_OFFLINE=1). safetensors files are read with `safe_open(...).get_slice`,
 torch files memory-mapped (`torch.load(mmap=True)`), so only the bytes of the requested slice are read.
 """
@@ -23,14 +23,15 @@ from .loading import SDLoadError, _is_local, _read_state_dict
 
 
 def _weight_names(variant: Optional[str]) -> list[str]:
-    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
     from diffusers.utils.hub_utils import _add_variant
 
-    return [_add_variant(n, variant) for n in (SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME)]
+    names = (SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    return [_add_variant(n, variant) for n in names]
 
 
 def _shards(index: Path, fetch) -> list[Path]:
-    """The files a `.safetensors.index.json` names (each through `fetch(name)`)."""
+    """The files an index (`.safetensors.index.json`, `.bin.index.json`) names (each through `fetch(name)`)."""
     names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     return [fetch(n) for n in names]
 
@@ -84,6 +85,16 @@ class UNetWeights:
                 raise SDLoadError(f"{field}={self.source!r}: key {twice[0]!r} is in more than one weights file")
             self.shapes.update(found)
             self._where.update(dict.fromkeys(found, handle))
+
+    def close(self) -> None:
+        """Drop the file handles and memory maps (their pages leave this process's RSS)."""
+        self._where.clear()
+
+    def __enter__(self) -> "UNetWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         """`tensor[index]` of `key` in the file's dtype (a new tensor; only that slice is read)."""
