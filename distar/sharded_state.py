@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import io
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -97,16 +98,17 @@ def save(state: "TrainState", path: Path, collective: bool) -> None:
 
 def load(state: "TrainState", path: Path, collective: bool) -> None:
     """Read a `save`d directory into `state`, whatever world size wrote it; the step and RNG are not here."""
-    target = state_dict(state)  # fresh optimizers get their state tensors here (a zero step at lr 0)
-    _read(target, path, collective, "not loadable sharded training state")
-    for key, net, opt in (("generator", state.generator, state.generator_opt),
-                          ("fake_score", state.fake_score, state.fake_opt)):
-        set_state_dict(unwrap(net), opt, model_state_dict=target[key], optim_state_dict=target[f"{key}_opt"],
-                       options=_OPTIONS)
-    with torch.no_grad():
-        for k, v in target["ema"].items():
-            if state.ema.shadow[k] is not v:
-                state.ema.shadow[k].copy_(v)
+    with _failures_as_checkpoint_error(path, "not loadable sharded training state"):
+        target = state_dict(state)  # fresh optimizers get their state tensors here (a zero step at lr 0)
+        _dcp_load(target, path, collective)
+        for key, net, opt in (("generator", state.generator, state.generator_opt),
+                              ("fake_score", state.fake_score, state.fake_opt)):
+            set_state_dict(unwrap(net), opt, model_state_dict=target[key], optim_state_dict=target[f"{key}_opt"],
+                           options=_OPTIONS)
+        with torch.no_grad():
+            for k, v in target["ema"].items():
+                if state.ema.shadow[k] is not v:
+                    state.ema.shadow[k].copy_(v)
 
 
 def load_weights(state: "TrainState", path: Path, collective: bool) -> None:
@@ -114,21 +116,28 @@ def load_weights(state: "TrainState", path: Path, collective: bool) -> None:
     `state.fake_score` (this run's sharding, any world size wrote it); optimizers, step and RNG start fresh.
     The caller rebuilds the EMA from the loaded generator."""
     gen, fake = unwrap(state.generator), unwrap(state.fake_score)
-    target = {"ema": {k: v.detach().clone() for k, v in state.ema.shadow.items()},
-              "fake_score": get_model_state_dict(fake, options=_OPTIONS)}
-    _read(target, path, collective, "train.init_from: its sharded state does not load into this run's model")
-    set_model_state_dict(fake, target["fake_score"], options=_OPTIONS)
-    params = dict(gen.named_parameters())
-    with torch.no_grad():
-        for k, v in target["ema"].items():  # float32 shadow -> the parameter's dtype (same sharding: built from it)
-            params[k].copy_(v.to(params[k].dtype))
+    with _failures_as_checkpoint_error(path, "train.init_from: its sharded state does not load into this run's "
+                                             "model"):
+        target = {"ema": {k: v.detach().clone() for k, v in state.ema.shadow.items()},
+                  "fake_score": get_model_state_dict(fake, options=_OPTIONS)}
+        _dcp_load(target, path, collective)
+        set_model_state_dict(fake, target["fake_score"], options=_OPTIONS)
+        params = dict(gen.named_parameters())
+        with torch.no_grad():
+            for k, v in target["ema"].items():  # float32 shadow -> the parameter's dtype (same sharding)
+                params[k].copy_(v.to(params[k].dtype))
 
 
-def _read(target: dict[str, Any], path: Path, collective: bool, what: str) -> None:
-    """DCP-load `path` into `target` in place; any failure is a CheckpointError naming `path` and each rank's
-    distinct cause (DCP raises a BaseException subclass, with {rank: (exception, trace)})."""
+def _dcp_load(target: dict[str, Any], path: Path, collective: bool) -> None:
+    dcp.load(target, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(), no_dist=not collective)
+
+
+@contextmanager
+def _failures_as_checkpoint_error(path: Path, what: str) -> Iterator[None]:
+    """Any failure inside (reading, or fitting what was read into the run's modules) is a CheckpointError naming
+    `path` and each rank's distinct cause (DCP raises a BaseException subclass, with {rank: (exception, trace)})."""
     try:
-        dcp.load(target, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(), no_dist=not collective)
+        yield
     except (Exception, CheckpointException) as err:
         causes = [f[0] for f in getattr(err, "failures", {}).values()] or [err]
         reason = "; ".join(dict.fromkeys((str(e).strip() or type(e).__name__).splitlines()[0][:300] for e in causes))
