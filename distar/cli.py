@@ -46,16 +46,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
-
-    from .logs import setup_logging
     from .stopping import ExitAtOnce
 
-    parser, modules = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.verbosity)
-    with ExitAtOnce(f"distar {args.command}: interrupted"):
-        import torch  # noqa: F401  (and numpy: a KeyboardInterrupt inside these imports breaks them for good)
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    named = f"distar {words[0]}" if words and words[0] in COMMANDS else "distar"
+    # Ctrl-C while the libraries import: nothing runs yet, exit at once (a KeyboardInterrupt inside an import
+    # leaves modules half-initialised: numpy's lazy linalg then recurses until RecursionError)
+    with ExitAtOnce(f"{named}: interrupted"):
+        from pydantic import ValidationError
+
+        from .logs import setup_logging
+
+        parser, modules = build_parser()
+        args = parser.parse_args(argv)
+        setup_logging(args.verbosity)
+        import torch  # noqa: F401  (and numpy)
     try:
         return int(modules[args.command].run(args) or 0)
     except (UserError, ValidationError) as err:

@@ -71,6 +71,9 @@ class ExitAtOnce:
     def __enter__(self) -> "ExitAtOnce":
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handle)
+            if self._old is signal.SIG_IGN:  # started with SIGINT ignored (nohup, a background job): keep it so
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                self._old = None
         return self
 
     def __exit__(self, *exc) -> None:

@@ -46,6 +46,22 @@ def results_table(cfg, final_dir: str, seed: int = 1234) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distar.stopping import ExitAtOnce
+
+    with ExitAtOnce(INTERRUPTED):  # Ctrl-C while torch/diffusers/Ray import: nothing runs yet, exit at once
+        args = _parse(argv)
+        if not args.print_config:  # the heavy imports _run needs (--print-config starts nothing, imports no Ray)
+            import distar.ray_train  # noqa: F401
+            import services.reward_service  # noqa: F401
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C outside training (Ray start-up, the table): the stop handler was not on
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML file or built-in config name (e.g. digits_ray)")
@@ -55,28 +71,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the resolved config (YAML) and exit: nothing starts (checks an entrypoint offline)")
     ap.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity", default=0)
     ap.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from distar.stopping import ExitAtOnce
-
-    with ExitAtOnce(INTERRUPTED):  # Ctrl-C while importing torch/diffusers/Ray: nothing runs yet, exit at once
-        import distar.ray_train  # noqa: F401  (the heavy imports _run needs)
-        import services.reward_service  # noqa: F401
-    try:
-        return _run(args)
-    except KeyboardInterrupt:  # Ctrl-C outside training (Ray start-up, the table): the stop handler was not on
-        print(INTERRUPTED, file=sys.stderr)
-        return 130
+    return ap.parse_args(argv)
 
 
 def _run(args: argparse.Namespace) -> int:
     from distar.config import dump_config, load_config
     from distar.errors import UserError
     from distar.logs import setup_logging
-    from distar.memory_plan import require_fit
-    from distar.ray_train import run_on_ray
     from distar.stopping import StopSignals, stopped_line
-    from services.reward_service import deploy_rewards
 
     setup_logging(args.verbosity)
     try:
@@ -84,6 +86,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
+        from distar.memory_plan import require_fit
+        from distar.ray_train import run_on_ray
+        from services.reward_service import deploy_rewards
+
         require_fit(cfg)  # GPU runs: refuse, with the memory table, a run that cannot fit (ray.plan_check)
         stop = StopSignals("saving a checkpoint after this step, then stopping")
         summary = run_on_ray(cfg, deploy_rewards=deploy_rewards, stop=stop)  # SIGINT/SIGTERM: save, exit 130/143
