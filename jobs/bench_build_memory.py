@@ -10,7 +10,8 @@ gloo processes on the CPU for each path, every rank runs `build_state` with the 
 it is built sharded (`distar.worlds.sd.sharded_build`). Every library is imported before the processes fork, so
 the numbers are the build's. A thread samples each rank's RSS and its anonymous part (RssAnon: the memory the
 build allocated; the rest is mapped pages of the weights files, which the kernel can drop) every 5 ms during
-`build_state`; printed per rank: the peaks above the values just before it and the RssAnon left when it returns
+`build_state`, and reads the kernel's exact RSS peak (VmHWM, reset through /proc/self/clear_refs just before);
+printed per rank: the peaks above the values just before it and the RssAnon left when it returns
 (the built state: shards, EMA), and the ratios old/new of the largest per-rank peaks. Never asserted anywhere: a measurement, on whatever else the machine is doing.
 """
 from __future__ import annotations
@@ -30,9 +31,25 @@ def _rss_mib() -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["RssAnon"].split()[0]) / 1024
 
 
+def _reset_hwm() -> bool:
+    """Reset this process's VmHWM (the kernel's exact RSS peak) to its current RSS; False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_mib() -> float:
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmHWM"].split()[0]) / 1024
+
+
 def _peaks_during(fn) -> dict[str, float]:
-    """MiB of RSS and of RssAnon above their levels before `fn()`, at their peaks while `fn` runs; and of RssAnon
-    when it has returned (what the built state keeps)."""
+    """MiB of RSS and of RssAnon above their levels before `fn()`, at their peaks while `fn` runs (sampled); the
+    kernel's exact RSS peak (VmHWM, reset just before; None where it cannot be reset); and RssAnon when `fn` has
+    returned (what the built state keeps)."""
+    hwm = _reset_hwm()
     base, peak, done = _rss_mib(), list(_rss_mib()), threading.Event()
 
     def sample() -> None:
@@ -48,7 +65,8 @@ def _peaks_during(fn) -> dict[str, float]:
     finally:
         done.set()
         thread.join()
-    return {"rss": peak[0] - base[0], "anon": peak[1] - base[1], "anon_after": _rss_mib()[1] - base[1]}
+    return {"rss": peak[0] - base[0], "anon": peak[1] - base[1], "anon_after": _rss_mib()[1] - base[1],
+            "rss_hwm": _hwm_mib() - base[0] if hwm else None}
 
 
 def _tokenizer(out: Path):
@@ -164,15 +182,16 @@ def main(argv: list[str] | None = None) -> dict:
             mp.start_processes(_worker, args=(args.world, init, out, sources, path), nprocs=args.world, join=True,
                                start_method="fork")
             rows[path] = [json.loads((Path(out) / f"{path}_{r}.json").read_text()) for r in range(args.world)]
-    summary = {"unet_params": sources["unet_params"], "unet_fp32_mib": round(sources["unet_params"] * 4 / 2**20, 1),
-               "world": args.world}
+    summary = {"unet_params": sources["unet_params"],
+               "unet_fp32_mib_computed": round(sources["unet_params"] * 4 / 2**20, 1), "world": args.world}
+    kinds = ("rss", "anon") + (("rss_hwm",) if all(r["rss_hwm"] is not None for v in rows.values() for r in v) else ())
     for path in rows:
-        for kind in ("rss", "anon"):
+        for kind in kinds:
             summary[f"{path}_peak_{kind}_mib_per_rank"] = [round(r[kind], 1) for r in rows[path]]
         summary[f"{path}_anon_after_build_mib_per_rank"] = [round(r["anon_after"], 1) for r in rows[path]]
-    for kind in ("rss", "anon"):
+    for kind in kinds:
         worst = {path: max(r[kind] for r in rows[path]) for path in rows}
-        summary[f"ratio_old_over_new_{kind}"] = round(worst["old"] / max(worst["new"], 1e-3), 2)
+        summary[f"ratio_old_over_new_{kind}"] = round(worst["old"] / worst["new"], 2) if worst["new"] > 1 else None
     print(json.dumps(summary, indent=2))
     return summary
 
