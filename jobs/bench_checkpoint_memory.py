@@ -13,32 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
-import time
 from datetime import timedelta
 from pathlib import Path
 
-
-def _peak_during(fn) -> float:
-    """MiB of RSS above the level before `fn()`, at its peak while `fn` runs."""
-    import psutil
-
-    proc, peak, done = psutil.Process(), [0], threading.Event()
-    base = proc.memory_info().rss
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return max(peak[0], proc.memory_info().rss) / 2**20 - base / 2**20
+from jobs.host_memory import peaks_during
 
 
 def _worker(rank: int, world: int, init_file: str, out: str, hidden: int, path: str) -> None:
@@ -75,7 +53,7 @@ def _worker(rank: int, world: int, init_file: str, out: str, hidden: int, path: 
             io.save_step(state, run, rng, "", {})
 
         dist.barrier()
-        mib = _peak_during(old if path == "old" else new)
+        mib = peaks_during(old if path == "old" else new)["rss"]
         params = sum(p.numel() for p in state.generator.parameters()) * 2  # generator + fake score (global)
         (Path(out) / f"{path}_{rank}.json").write_text(json.dumps({"peak_mib": mib, "params": params}))
     finally:
