@@ -69,11 +69,11 @@ class ExitAtOnce:
         self._old = None
 
     def __enter__(self) -> "ExitAtOnce":
-        if threading.current_thread() is threading.main_thread():
+        # not off the main thread (handlers cannot be set there), nor over an inherited SIG_IGN (nohup, a
+        # background job: SIGINT stays ignored)
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._old = signal.signal(signal.SIGINT, self._handle)
-            if self._old is signal.SIG_IGN:  # started with SIGINT ignored (nohup, a background job): keep it so
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                self._old = None
         return self
 
     def __exit__(self, *exc) -> None:
