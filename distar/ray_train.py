@@ -330,8 +330,8 @@ def _fit(cfg: RunConfig, uri: str | None, run_id: str | None) -> dict:
     if result.error is not None:
         raise result.error
     return {"run_name": cfg.ray.run_name, "workers": cfg.ray.num_workers, "strategy": cfg.ray.strategy,
-            "final_dir": str(Path(cfg.train.out_dir) / "final"), "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            **(result.metrics or {})}
+            "final_dir": str(Path(cfg.train.out_dir) / "final"),
+            "checkpoint": result.checkpoint.path if result.checkpoint else None, **(result.metrics or {})}
 
 
 def _in_driver(cfg: RunConfig, uri: str | None, run_id: str | None, stop: StopSignals | None = None) -> dict:
